@@ -1,0 +1,46 @@
+"""Builds the run's pieces from a validated config: teachers, student, method, data."""
+from __future__ import annotations
+
+import torch
+
+from dmt.losses import DistillationLoss
+from dmt.methods import METHODS
+from dmt.models import Student, TeacherEnsemble, load_teacher
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def build_teachers(cfg: dict, device: torch.device, warn=print) -> TeacherEnsemble:
+    dtype = DTYPES[cfg["teacher_runtime"]["dtype"]]
+    chosen = cfg["method"]["teachers"]
+    teachers = []
+    for i, entry in enumerate(cfg["teachers"]):
+        if chosen is not None and entry["name"] not in chosen:
+            continue
+        if entry["kind"] == "random":
+            warn(f"teacher '{entry['name']}' is RANDOMLY INITIALISED ({entry['arch']}): fine for "
+                 "a demo or a benchmark, meaningless for pretraining. Real runs pass official "
+                 "MAE / MoCo v3 / iBOT checkpoints.")
+        teachers.append(load_teacher(entry["kind"], entry["checkpoint"], arch=entry["arch"],
+                                     img_size=cfg["model"]["img_size"], dtype=dtype,
+                                     name=entry["name"], seed=cfg["run"]["seed"] + i))
+    return TeacherEnsemble(teachers).to(device)
+
+
+def teacher_weights(cfg: dict, ensemble: TeacherEnsemble) -> list[float]:
+    by_name = {t["name"]: t["weight"] for t in cfg["teachers"]}
+    return [float(by_name[name]) for name in ensemble.names]
+
+
+def build_student(cfg: dict, teacher_dim: int) -> Student:
+    m = cfg["model"]
+    return Student(m["arch"], teacher_dim, adapter=m["adapter"], img_size=m["img_size"],
+                   drop_path_rate=m["drop_path_rate"])
+
+
+def build_method(cfg: dict, student, teachers: TeacherEnsemble):
+    m = cfg["method"]
+    loss = DistillationLoss(terms=m["losses"], distance=m["distance"], direction=m["direction"],
+                            num_prefix_tokens=student.backbone.num_prefix_tokens)
+    return METHODS[m["name"]](student, teachers, loss, fusion=m["fusion"],
+                              weights=teacher_weights(cfg, teachers))

@@ -1,0 +1,240 @@
+"""Experiment configuration: defaults + experiment YAML + dotted command-line overrides.
+
+Everything is checked before any model is built, so a typo costs a second, not a
+cluster allocation.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dmt.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+
+# Types of the keys whose default (null, or a list) does not say it.
+_DECLARED_TYPES: dict[str, tuple[type, ...]] = {
+    "run.max_steps": (int,),
+    "data.path": (str,),
+    "optim.lr": (float, int),
+    "optim.clip_grad": (float, int),
+    "method.teachers": (list,),
+}
+TEACHER_DEFAULTS = {"name": None, "kind": None, "checkpoint": None,
+                    "arch": "vit_base_patch16_224", "weight": 1.0}
+TEACHER_KINDS = ("mae", "mocov3", "ibot", "dino", "timm", "random")
+_CHOICES = {
+    "model.adapter": ("linear", "identity", "mlp"),
+    "teacher_runtime.dtype": ("bfloat16", "float16", "float32"),
+    "teacher_runtime.placement": ("colocated", "dedicated"),
+    "teacher_runtime.stack": ("auto", "on", "off"),
+    "method.name": ("dmt",),
+    "method.distance": ("kl", "mse"),
+    "method.direction": ("student_teacher", "teacher_student"),
+    "method.fusion": ("sum", "mean", "weighted"),
+    "data.backend": ("torch", "dali", "ffcv", "synthetic"),
+}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}' in {where}{hint}")
+
+
+def _merge(base: dict, update: dict, where: str, prefix: str = "") -> None:
+    """Merges `update` into `base` in place; keys must already exist in `base`."""
+    known = list(_flatten(base)) + [k for k, v in base.items()]
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            raise _unknown_key(dotted, [f"{prefix}{k}" for k in base] + known, where)
+        if isinstance(base[key], dict) and isinstance(value, dict):
+            _merge(base[key], value, where, dotted + ".")
+        else:
+            base[key] = value
+
+
+def _set_dotted(cfg: dict, dotted: str, value: Any) -> None:
+    """Sets a.b.c (list items by index: teachers.0.checkpoint)."""
+    node: Any = cfg
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override '{dotted}': '{part}' is not an index of a "
+                                  f"list of {len(node)}")
+            part = int(part)
+        elif not isinstance(node, dict) or part not in node:
+            parent = ".".join(parts[:i])
+            keys = [f"{parent}.{k}" if parent else k for k in (node if isinstance(node, dict) else [])]
+            raise _unknown_key(dotted, keys + list(_flatten(cfg)), "command-line overrides")
+        if last:
+            node[part] = value
+        else:
+            node = node[part]
+
+
+def parse_override(arg: str) -> tuple[str, Any]:
+    if "=" not in arg:
+        raise ConfigError(f"override '{arg}' must look like key.sub=value")
+    key, raw = arg.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{arg}': cannot parse value: {err}") from err
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
+    """Defaults, then the experiment file, then `key=value` overrides; then validation."""
+    with open(DEFAULT_CONFIG) as f:
+        cfg = yaml.safe_load(f)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            try:
+                experiment = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        _merge(cfg, experiment, str(path))
+    for arg in overrides:
+        key, value = parse_override(arg)
+        _set_dotted(cfg, key, value)
+    cfg["teachers"] = [_teacher_entry(t, i) for i, t in enumerate(cfg["teachers"] or [])]
+    validate_types(cfg)
+    return cfg
+
+
+def _teacher_entry(entry: Any, index: int) -> dict:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"teachers[{index}] must be a mapping with kind and checkpoint, "
+                          f"got {entry!r}")
+    unknown = [k for k in entry if k not in TEACHER_DEFAULTS]
+    if unknown:
+        raise _unknown_key(f"teachers[{index}].{unknown[0]}",
+                           [f"teachers[{index}].{k}" for k in TEACHER_DEFAULTS], "teachers")
+    full = {**TEACHER_DEFAULTS, **entry}
+    if full["kind"] not in TEACHER_KINDS:
+        raise ConfigError(f"teachers[{index}].kind must be one of {TEACHER_KINDS}, "
+                          f"got {full['kind']!r}")
+    full["name"] = str(full["name"] or full["kind"])
+    return full
+
+
+def _type_ok(value: Any, expected: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):  # bool is an int in Python; never accept it for numbers
+        return bool in expected
+    return isinstance(value, expected)
+
+
+def validate_types(cfg: dict) -> None:
+    with open(DEFAULT_CONFIG) as f:
+        defaults = _flatten(yaml.safe_load(f))
+    for key, value in _flatten(cfg).items():
+        if key == "teachers" or key not in defaults:
+            continue
+        default = defaults[key]
+        if key in _DECLARED_TYPES:
+            expected = _DECLARED_TYPES[key]
+            if value is None:
+                continue
+        elif default is None:
+            continue
+        elif isinstance(default, bool):
+            expected = (bool,)
+        elif isinstance(default, float):
+            expected = (float, int)
+        else:
+            expected = (type(default),)
+        if not _type_ok(value, expected):
+            names = " or ".join(t.__name__ for t in expected)
+            raise ConfigError(f"config key '{key}' must be {names}, got {value!r} "
+                              f"({type(value).__name__})")
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(f"config key '{key}' must be one of {_CHOICES[key]}, got {value!r}")
+    for key, length in (("data.crop_scale", 2), ("data.color_jitter", 3), ("optim.betas", 2)):
+        value = _flatten(cfg)[key]
+        if len(value) != length or not all(_type_ok(v, (float, int)) for v in value):
+            raise ConfigError(f"config key '{key}' must be a list of {length} numbers, got {value}")
+    bad_terms = [t for t in cfg["method"]["losses"] if t not in ("tfd", "sfd")]
+    if bad_terms or not cfg["method"]["losses"]:
+        raise ConfigError(f"method.losses must be a non-empty subset of [tfd, sfd], "
+                          f"got {cfg['method']['losses']}")
+
+
+def batch_arithmetic(global_batch: int, micro_batch: int, data_parallel: int) -> int:
+    """Gradient accumulation steps; refuses numbers that do not divide."""
+    if global_batch <= 0 or micro_batch <= 0:
+        raise ConfigError(f"optim.global_batch ({global_batch}) and optim.micro_batch "
+                          f"({micro_batch}) must be positive")
+    per_step = micro_batch * data_parallel
+    if global_batch % per_step:
+        raise ConfigError(
+            f"optim.global_batch={global_batch} is not a multiple of optim.micro_batch="
+            f"{micro_batch} x {data_parallel} data-parallel rank(s) = {per_step}; choose a "
+            f"global batch of {max(per_step, global_batch // per_step * per_step)} or "
+            f"{(global_batch // per_step + 1) * per_step}, or another micro-batch")
+    return global_batch // per_step
+
+
+def check_files(cfg: dict, repo_root: Path | None = None) -> None:
+    """The files a run needs exist: teacher checkpoints, DeepSpeed config, data path."""
+    for i, t in enumerate(cfg["teachers"]):
+        if t["kind"] == "random":
+            continue
+        if not t["checkpoint"]:
+            raise ConfigError(f"teachers[{i}] ('{t['name']}', kind {t['kind']}) has no checkpoint")
+        if not Path(t["checkpoint"]).is_file():
+            raise ConfigError(f"teachers[{i}] ('{t['name']}'): checkpoint file not found: "
+                              f"{t['checkpoint']}")
+    if not cfg["teachers"]:
+        raise ConfigError("no teachers configured: add at least one entry under 'teachers'")
+    names = [t["name"] for t in cfg["teachers"]]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"teacher names must be unique, got {names}")
+    chosen = cfg["method"]["teachers"]
+    if chosen is not None:
+        unknown = [n for n in chosen if n not in names]
+        if unknown or not chosen:
+            raise ConfigError(f"method.teachers names {unknown or chosen} not among the "
+                              f"configured teachers {names}")
+    ds = resolve_path(cfg["deepspeed"]["config"], repo_root)
+    if not ds.is_file():
+        raise ConfigError(f"deepspeed.config file not found: {cfg['deepspeed']['config']}")
+    path = cfg["data"]["path"]
+    if cfg["data"]["backend"] != "synthetic" and path is None and cfg["data"]["sample_images"] <= 0:
+        raise ConfigError("data.path is not set (or set data.sample_images to train on the "
+                          "bundled sample photos)")
+    if path is not None and not Path(path).exists():
+        raise ConfigError(f"data.path does not exist: {path}")
+
+
+def resolve_path(path: str | Path, repo_root: Path | None = None) -> Path:
+    """Relative paths resolve against the working directory, then the repository root."""
+    path = Path(path)
+    if path.is_absolute() or path.exists() or repo_root is None:
+        return path
+    return repo_root / path
+
+
+def dump_config(cfg: dict) -> str:
+    return yaml.safe_dump(copy.deepcopy(cfg), sort_keys=False)

@@ -1,0 +1,165 @@
+"""Checkpoints that are never half-written, resumable exactly, and exportable to timm.
+
+Layout of a run directory:
+    RUN/checkpoints/step00001000/   DeepSpeed's files + rng_rank{r}.pt + trainer_state.json
+    RUN/checkpoints/latest          name of the newest complete checkpoint (changed last)
+DeepSpeed writes into RUN/checkpoints/.tmp/<tag>/ first; rank 0 renames the directory
+once every rank has finished, then replaces `latest`. A crash at any point leaves the
+previous checkpoint and pointer intact. (Like DeepSpeed itself, this assumes all ranks
+see one shared filesystem.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmt.engine.distributed import barrier
+from dmt.errors import CheckpointError
+from dmt.models import backbone_state_dict
+
+LATEST = "latest"
+
+
+def _tag(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(engine, ckpt_root: Path, step: int, trainer_state: dict, rank: int,
+                    keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    tag = _tag(step)
+    tmp_root, final = ckpt_root / ".tmp", ckpt_root / tag
+    if rank == 0:
+        shutil.rmtree(tmp_root / tag, ignore_errors=True)  # leftovers of a crashed save
+        tmp_root.mkdir(parents=True, exist_ok=True)
+    barrier()
+    engine.save_checkpoint(str(tmp_root), tag=tag, client_state={"trainer": trainer_state},
+                           save_latest=False)
+    torch.save(rng_state(), tmp_root / tag / f"rng_rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        (tmp_root / tag / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        if final.exists():  # an identical step re-saved after a resume
+            shutil.rmtree(final)
+        os.replace(tmp_root / tag, final)
+        write_atomic(ckpt_root / LATEST, tag.encode())
+        _prune(ckpt_root, keep_last)
+    barrier()
+    return final
+
+
+def _prune(ckpt_root: Path, keep_last: int) -> None:
+    tags = sorted(p for p in ckpt_root.glob("step*") if p.is_dir())
+    for old in tags[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
+    """`auto`: the run's latest complete checkpoint (None if there is none yet);
+    otherwise a checkpoint directory or a run directory."""
+    if resume == "auto":
+        pointer = run_dir / "checkpoints" / LATEST
+        if not pointer.is_file():
+            return None
+        path = run_dir / "checkpoints" / pointer.read_text().strip()
+        if not path.is_dir():
+            raise CheckpointError(f"{pointer} points to {path}, which does not exist")
+        return path
+    path = Path(resume)
+    if (path / "checkpoints" / LATEST).is_file():
+        return find_checkpoint("auto", path)
+    if not path.is_dir() or not (path / "trainer_state.json").is_file():
+        raise CheckpointError(f"--resume {resume}: not a dmt checkpoint directory (expected "
+                              "RUN/checkpoints/stepNNNNNNNN with trainer_state.json) "
+                              "nor a run directory")
+    return path
+
+
+def check_compatible(saved_cfg: dict, cfg: dict, path: Path) -> None:
+    """A checkpoint resumes only the same student, teachers and batch arithmetic."""
+    keys = [("model", "arch"), ("model", "img_size"), ("model", "adapter"),
+            ("optim", "global_batch")]
+    diffs = [f"{a}.{b}: checkpoint {saved_cfg[a][b]!r} vs now {cfg[a][b]!r}"
+             for a, b in keys if saved_cfg[a][b] != cfg[a][b]]
+    saved_t = [t["name"] for t in saved_cfg["teachers"]]
+    now_t = [t["name"] for t in cfg["teachers"]]
+    if saved_t != now_t:
+        diffs.append(f"teachers: checkpoint {saved_t} vs now {now_t}")
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was written by a different run:\n  "
+                              + "\n  ".join(diffs))
+
+
+def load_checkpoint(engine, path: Path, rank: int) -> dict:
+    """Restores engine, optimizer and this rank's RNG; returns the trainer state."""
+    load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path}")
+    rng_file = path / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return client["trainer"]
+
+
+def consolidated_student_state(ckpt_dir: Path) -> dict:
+    """The full fp32 student state dict of a checkpoint, from any ZeRO stage."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {ckpt_dir}")
+    if any(ckpt_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+    else:  # ZeRO stage 0: the module states file holds the whole model
+        files = sorted(ckpt_dir.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise CheckpointError(f"no DeepSpeed model states in {ckpt_dir}")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in state.items()}
+
+
+def export_student(ckpt_dir: Path, out: Path) -> Path:
+    """Writes the student backbone as a timm state dict (.pth, or .safetensors by suffix)."""
+    state = backbone_state_dict(consolidated_student_state(ckpt_dir))
+    state = {k: v.contiguous() for k, v in state.items()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(state, str(tmp))
+    else:
+        torch.save(state, tmp)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,259 @@
+"""The training loop: a DeepSpeed student engine, frozen teachers beside it.
+
+One optimizer step = `accum` micro-batches per rank x data-parallel ranks = global batch.
+The loop is iteration-based; the trainer state (epoch, step in epoch, global step) plus
+the deterministic data order is all that `--resume auto` needs to continue exactly.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from dmt.build import build_method, build_student, build_teachers
+from dmt.config import batch_arithmetic, dump_config, resolve_path
+from dmt.data import build_loader, write_sample_images
+from dmt.engine import checkpoint as ckpt
+from dmt.engine.distributed import DistInfo, barrier
+from dmt.engine.logger import RunLogger
+from dmt.engine.optim import build_optimizer, lr_at, peak_lr
+from dmt.errors import ConfigError, DMTError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def deepspeed_config(cfg: dict, accum: int, path: str | None = None) -> dict:
+    """The ds_configs/ file with the batch arithmetic and clipping filled in from the YAML."""
+    file = resolve_path(path or cfg["deepspeed"]["config"], REPO_ROOT)
+    if not file.is_file():
+        raise ConfigError(f"DeepSpeed config not found: {file}")
+    ds = json.loads(file.read_text())
+    for key in ("optimizer", "scheduler"):
+        if key in ds:  # dmt owns these: client AdamW + the per-step schedule below
+            raise ConfigError(f"{file}: remove the '{key}' section; dmt configures it from "
+                              "the 'optim' section of the experiment YAML")
+    ds["train_batch_size"] = cfg["optim"]["global_batch"]
+    ds["train_micro_batch_size_per_gpu"] = cfg["optim"]["micro_batch"]
+    ds["gradient_accumulation_steps"] = accum
+    ds["gradient_clipping"] = float(cfg["optim"]["clip_grad"] or 0.0)
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    if not torch.cuda.is_available():  # no CUDA streams to overlap with on CPU
+        ds.get("zero_optimization", {})["overlap_comm"] = False
+    return ds
+
+
+def _engine_dtype(engine) -> torch.dtype:
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    return torch.float16 if engine.fp16_enabled() else torch.float32
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (RSS)
+
+
+def _digest(indices: list[torch.Tensor]) -> int:
+    """A fingerprint of the samples a step consumed (tests compare sample orders with it)."""
+    idx = torch.cat(indices).long()
+    weights = torch.arange(1, idx.numel() + 1, dtype=torch.long)
+    return int(((idx + 1) * weights).sum() % 2_147_483_647)
+
+
+def _prepare_data_path(cfg: dict, run_dir: Path, info: DistInfo) -> str | None:
+    data = cfg["data"]
+    if data["path"] is not None or data["backend"] == "synthetic":
+        return data["path"]
+    folder = run_dir / "sample_images"
+    if info.is_main and not (folder / ".complete").exists():
+        write_sample_images(folder, num_images=data["sample_images"], seed=cfg["run"]["seed"])
+        (folder / ".complete").touch()
+    barrier()
+    return str(folder)
+
+
+def train(cfg: dict, info: DistInfo, resume: str | None = None,
+          deepspeed_config_path: str | None = None) -> dict:
+    run_cfg, optim_cfg = cfg["run"], cfg["optim"]
+    dp_world = info.world_size
+    accum = batch_arithmetic(optim_cfg["global_batch"], optim_cfg["micro_batch"], dp_world)
+    run_dir = Path(run_cfg["output_dir"]) / run_cfg["name"]
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    barrier()
+    log = RunLogger(run_dir, 0, info.is_main, False, False)  # messages until the bar exists
+    torch.manual_seed(run_cfg["seed"] + info.rank)
+
+    # --- models: frozen half-precision teachers outside the engine, the student inside it
+    teachers = build_teachers(cfg, info.device, warn=log.warn)
+    student = build_student(cfg, teachers.embed_dim)
+    if student.num_tokens != teachers.num_tokens:
+        raise ConfigError(f"student {cfg['model']['arch']} gives {student.num_tokens} tokens, the "
+                          f"teachers {teachers.num_tokens}: use the same patch size and img_size")
+    method = build_method(cfg, student, teachers)
+
+    # --- data: each data-parallel rank reads its own shard of the (seed, epoch) order
+    data = cfg["data"]
+    loader = build_loader(data["backend"], _prepare_data_path(cfg, run_dir, info),
+                          optim_cfg["micro_batch"], image_size=cfg["model"]["img_size"],
+                          crop_scale=tuple(data["crop_scale"]),
+                          color_jitter=tuple(data["color_jitter"]), seed=run_cfg["seed"],
+                          rank=info.rank, world_size=dp_world, device=str(info.device),
+                          num_workers=data["num_workers"],
+                          mean=teachers.teachers[0].mean, std=teachers.teachers[0].std)
+    steps_per_epoch = len(loader) // accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"one epoch gives {len(loader)} micro-batches per rank, fewer than the "
+                          f"{accum} one optimizer step needs (global batch "
+                          f"{optim_cfg['global_batch']} > {loader.num_samples} samples?)")
+    schedule_steps = run_cfg["epochs"] * steps_per_epoch
+    # max_steps stops early (smoke runs, tests); the lr schedule still spans run.epochs.
+    total_steps = min(schedule_steps, run_cfg["max_steps"] or schedule_steps)
+    warmup_steps = round(optim_cfg["warmup_epochs"] * steps_per_epoch)
+
+    # --- engine
+    ds_config = deepspeed_config(cfg, accum, deepspeed_config_path)
+    optimizer = build_optimizer(student, optim_cfg, info.device)
+    engine, optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
+                                                   config=ds_config)
+    method.student = engine
+    student_dtype = _engine_dtype(engine)
+
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "nonfinite_total": 0,
+             "images_seen": 0}
+    ckpt_root = run_dir / "checkpoints"
+    if resume:
+        path = ckpt.find_checkpoint(resume, run_dir)
+        if path is None:
+            log.info(f"--resume {resume}: no checkpoint in {run_dir} yet, starting fresh")
+        else:
+            saved = json.loads((path / "trainer_state.json").read_text())
+            ckpt.check_compatible(saved["config"], cfg, path)
+            state.update({k: v for k, v in ckpt.load_checkpoint(engine, path, info.rank).items()
+                          if k in state})
+            log.info(f"resumed from {path} at step {state['global_step']} "
+                     f"(epoch {state['epoch']}, step {state['step_in_epoch']} of the epoch)")
+    log.close()
+    log = RunLogger(run_dir, total_steps, info.is_main, run_cfg["progress"],
+                    run_cfg["tensorboard"], start_step=state["global_step"])
+    log.info(f"run {run_dir}: {total_steps} steps, {steps_per_epoch} per epoch, global batch "
+             f"{optim_cfg['global_batch']} = {optim_cfg['micro_batch']} x {accum} accumulation x "
+             f"{dp_world} rank(s); teachers {teachers.names}; student {cfg['model']['arch']}")
+
+    peak, pending, streak = peak_lr(optim_cfg), [], 0
+    window_start, window_steps = time.perf_counter(), 0
+    last_ckpt, train_start, start_step = None, time.perf_counter(), state["global_step"]
+    while state["global_step"] < total_steps:
+        loader.set_epoch(state["epoch"], start_batch=state["step_in_epoch"] * accum)
+        batches = iter(loader)
+        skipped_before = loader.skipped
+        epoch_done = False
+        while not epoch_done and state["global_step"] < total_steps:
+            lr = lr_at(state["global_step"], schedule_steps, warmup_steps, peak, optim_cfg["min_lr"])
+            terms, data_wait, indices, bad_step = None, 0.0, [], False
+            for _ in range(accum):
+                t0 = time.perf_counter()
+                batch = next(batches)
+                data_wait += time.perf_counter() - t0
+                indices.append(batch["index"].cpu())
+                batch = {"teacher": batch["teacher"].to(info.device, non_blocking=True),
+                         "student": batch["student"].to(info.device, student_dtype,
+                                                        non_blocking=True)}
+                out = method(batch)
+                loss = out["loss"]
+                # One flag, agreed by all ranks, so every rank skips the same steps.
+                bad = (~torch.isfinite(loss.detach())).float()
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+                if bad.item():
+                    bad_step = True
+                    loss = (out["student_tokens"] * 0).sum()  # zero grads, hooks still fire
+                step_terms = torch.stack([out[k].detach().float() for k in ("loss", *method.loss.terms)])
+                terms = step_terms if terms is None else terms + step_terms
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = 0.0 if bad_step else lr  # lr 0: a skipped step moves nothing
+                engine.backward(loss)
+                engine.step()
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+            state["images_seen"] += optim_cfg["global_batch"]
+            streak = streak + 1 if bad_step else 0
+            state["nonfinite_total"] += int(bad_step)
+            pending.append({"terms": terms / accum, "lr": lr, "data_wait": data_wait,
+                            "bad": bad_step, "digest": _digest(indices),
+                            "step": state["global_step"], "epoch": state["epoch"]})
+            window_steps += 1
+            log.advance(state["epoch"])
+            if bad_step:
+                log.warn(f"step {state['global_step']}: non-finite loss, step skipped "
+                         f"({streak} in a row, {state['nonfinite_total']} in total)")
+            if streak >= run_cfg["max_nonfinite"]:
+                log.close()
+                raise DMTError(f"stopping: {streak} non-finite losses in a row (run.max_nonfinite"
+                               f"={run_cfg['max_nonfinite']}) at step {state['global_step']}; "
+                               f"the last checkpoint is {last_ckpt or 'none'}. Lower the lr, "
+                               "enable optim.clip_grad, or check the data.")
+            if state["step_in_epoch"] == steps_per_epoch:
+                state["epoch"], state["step_in_epoch"], epoch_done = state["epoch"] + 1, 0, True
+            done = state["global_step"] == total_steps
+            if len(pending) >= run_cfg["log_every"] or done:
+                elapsed = time.perf_counter() - window_start
+                _flush(pending, log, method.loss.terms, total_steps,
+                       optim_cfg["global_batch"] * window_steps / elapsed, info)
+                pending, window_start, window_steps = [], time.perf_counter(), 0
+            if state["global_step"] % run_cfg["checkpoint_every"] == 0 or done:
+                last_ckpt = ckpt.save_checkpoint(engine, ckpt_root, state["global_step"],
+                                                 {**state, "config": cfg}, info.rank,
+                                                 run_cfg["keep_last"])
+                window_start = time.perf_counter()  # checkpoint time is not training time
+        if loader.skipped > skipped_before:
+            log.warn(f"epoch {state['epoch']}: skipped {loader.skipped - skipped_before} "
+                     f"unreadable file(s) on rank 0: {loader.skipped_files[-5:]}")
+
+    skipped = torch.tensor([float(loader.skipped)])
+    dist.all_reduce(skipped)
+    exported = None
+    if run_cfg["export"] and last_ckpt is not None and info.is_main:
+        exported = ckpt.export_student(last_ckpt, run_dir / f"student_{cfg['model']['arch']}.pth")
+    barrier()
+    wall = time.perf_counter() - train_start
+    steps_run = state["global_step"] - start_step
+    summary = {
+        "run directory": str(run_dir),
+        "steps": f"{state['global_step']} / {total_steps} ({steps_run} this launch)",
+        "epochs completed": state["epoch"],
+        "images/s (this launch)": f"{steps_run * optim_cfg['global_batch'] / max(wall, 1e-9):.1f}",
+        "wall time": f"{wall:.1f} s",
+        "non-finite steps skipped": state["nonfinite_total"],
+        "unreadable files skipped": int(skipped.item()),
+        "peak memory (rank 0)": f"{_peak_memory_gb(info.device):.2f} GiB",
+        "last checkpoint": str(last_ckpt),
+        "exported student": str(exported) if exported else "-",
+    }
+    log.summary(summary)
+    log.close()
+    return {"run_dir": run_dir, "last_checkpoint": last_ckpt, "exported": exported, **state}
+
+
+def _flush(pending: list[dict], log: RunLogger, terms: tuple[str, ...], total_steps: int,
+           img_per_s: float, info: DistInfo) -> None:
+    """One host sync per window: reduce the window's loss terms across ranks, write lines."""
+    values = torch.stack([p["terms"] for p in pending])
+    dist.all_reduce(values)
+    values = (values / info.world_size).tolist()
+    memory = _peak_memory_gb(info.device)
+    records = []
+    for p, v in zip(pending, values):
+        record = {"step": p["step"], "total_steps": total_steps, "epoch": p["epoch"],
+                  "loss": v[0], **{t: x for t, x in zip(terms, v[1:])}, "lr": p["lr"],
+                  "img_per_s": img_per_s, "data_wait_s": p["data_wait"],
+                  "peak_mem_gb": memory, "skipped_nonfinite": p["bad"],
+                  "sample_digest": p["digest"]}
+        records.append(record)
+    log.log_steps(records)

@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""Exports a run's student backbone as a timm state dict (any ZeRO stage).
+
+    python launch/export.py runs/vits_3t --out vit_small_dmt.pth
+    python launch/export.py runs/vits_3t/checkpoints/step00001000 --out vit_small_dmt.safetensors
+
+The file loads with `timm.create_model(arch, num_classes=0).load_state_dict(...)`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dmt  # noqa: E402,F401
+from dmt.engine.checkpoint import export_student, find_checkpoint  # noqa: E402
+from dmt.errors import DMTError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="run directory (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("--out", required=True, help="output file (.pth or .safetensors)")
+    args = p.parse_args(argv)
+    try:
+        path = Path(args.path)
+        ckpt = find_checkpoint("auto", path) if (path / "checkpoints").is_dir() else find_checkpoint(args.path, path)
+        if ckpt is None:
+            raise DMTError(f"{path} has no complete checkpoint yet")
+        out = export_student(ckpt, Path(args.out))
+    except DMTError as err:
+        print(f"dmt export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported the student backbone of {ckpt} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""DMT pretraining.
+
+    python launch/pretrain.py --config configs/demo.yaml                 # one process
+    torchrun --nproc_per_node 8 launch/pretrain.py --config configs/dmt_vit_small.yaml
+    deepspeed --hostfile hosts launch/pretrain.py --config configs/dmt_vit_small.yaml \
+        optim.micro_batch=128 run.name=vits_3t
+    ... --resume auto                                                   # continue a run
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dmt  # noqa: E402  (before timm: see dmt/__init__.py)
+from dmt.config import batch_arithmetic, check_files, load_config  # noqa: E402
+from dmt.errors import DMTError  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    p.add_argument("--deepspeed_config", default=None,
+                   help="DeepSpeed JSON; overrides deepspeed.config of the YAML")
+    p.add_argument("--resume", default=None,
+                   help="'auto' (latest checkpoint of this run, if any), a run directory, "
+                        "or a checkpoint directory")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.micro_batch=64")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        # Everything that can be checked is checked before any process group or model exists.
+        cfg = load_config(args.config, args.overrides)
+        if args.deepspeed_config:
+            cfg["deepspeed"]["config"] = args.deepspeed_config
+        check_files(cfg, Path(__file__).resolve().parents[1])
+        batch_arithmetic(cfg["optim"]["global_batch"], cfg["optim"]["micro_batch"],
+                         int(os.environ.get("WORLD_SIZE", 1)))
+
+        from dmt.engine.distributed import setup_distributed
+        from dmt.engine.trainer import train
+
+        info = setup_distributed()
+        train(cfg, info, resume=args.resume)
+    except DMTError as err:
+        if rank == 0:
+            print(f"dmt: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
