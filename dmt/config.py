@@ -116,12 +116,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
             except yaml.YAMLError as err:
                 raise ConfigError(f"{path} is not valid YAML: {err}") from err
         _merge(cfg, experiment, str(path))
+    cfg["teachers"] = _teacher_entries(cfg["teachers"])  # so teachers.0.arch=... can be set
     for arg in overrides:
         key, value = parse_override(arg)
         _set_dotted(cfg, key, value)
-    cfg["teachers"] = [_teacher_entry(t, i) for i, t in enumerate(cfg["teachers"] or [])]
+    cfg["teachers"] = _teacher_entries(cfg["teachers"])  # a whole new list may have come in
     validate_types(cfg)
     return cfg
+
+
+def _teacher_entries(entries: Any) -> list[dict]:
+    if not isinstance(entries, list):
+        raise ConfigError(f"'teachers' must be a list of mappings, got {entries!r}")
+    return [_teacher_entry(t, i) for i, t in enumerate(entries)]
 
 
 def _teacher_entry(entry: Any, index: int) -> dict:

@@ -1,0 +1,197 @@
+"""End-to-end training runs through the real launchers and a real DeepSpeed engine (CPU, gloo)."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+from dmt.data import write_sample_images
+from engine_utils import REPO, check, metrics, run_pretrain, tiny_config
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_sample_images(tmp_path_factory.mktemp("images"), num_images=32, size=48,
+                               seed=0, num_classes=2)
+
+
+@pytest.fixture(scope="module")
+def fixed_images(tmp_path_factory):
+    """Eight photos: with full-image crops and no jitter, every step sees the same batch."""
+    return write_sample_images(tmp_path_factory.mktemp("fixed"), num_images=8, size=48,
+                               seed=1, num_classes=2)
+
+
+def _timm_load(path, arch="vit_tiny_patch16_224"):
+    model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=32)
+    state = torch.load(path, map_location="cpu")
+    result = model.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    return model, state
+
+
+@pytest.mark.slow
+def test_two_ranks_zero2_bf16_loss_decreases(tmp_path, fixed_images):
+    # 2 ranks x micro 4 = global 8 = the whole (fixed) data set in every step.
+    cfg = tiny_config(tmp_path, fixed_images, name="ddp", run={"epochs": 24, "max_steps": 24},
+                      data={"crop_scale": [1.0, 1.0], "color_jitter": [0, 0, 0]},
+                      deepspeed={"config": "ds_configs/zero2_bf16.json"})
+    result = check(run_pretrain(cfg, nproc=2, launcher="deepspeed"))
+    rows = metrics(tmp_path / "runs" / "ddp")
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    first = sum(r["loss"] for r in rows[:4]) / 4
+    last = sum(r["loss"] for r in rows[-4:]) / 4
+    assert last < 0.8 * first, (first, last)
+    assert "2 rank(s)" in result.stdout
+
+
+@pytest.mark.slow
+def test_zero3_matches_stage0_and_exports(tmp_path, images):
+    """The same fp32 run under ZeRO-3 and without ZeRO exports the same student weights,
+    and the export loads into timm with no missing or unexpected keys."""
+    zero3_fp32 = tmp_path / "zero3_fp32.json"
+    ds = json.loads((REPO / "ds_configs" / "zero3_bf16.json").read_text())
+    del ds["bf16"]
+    zero3_fp32.write_text(json.dumps(ds))
+    exports = {}
+    for name, ds_path in (("z0", "ds_configs/cpu_fp32.json"), ("z3", str(zero3_fp32))):
+        cfg = tiny_config(tmp_path, images, name=name, run={"max_steps": 3},
+                          deepspeed={"config": ds_path})
+        check(run_pretrain(cfg))
+        out = tmp_path / f"{name}.safetensors" if name == "z3" else tmp_path / f"{name}.pth"
+        check(subprocess.run([sys.executable, "launch/export.py", str(tmp_path / "runs" / name),
+                              "--out", str(out)], cwd=REPO, capture_output=True, text=True))
+        if out.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(out))
+            torch.save(state, tmp_path / "z3.pth")
+            out = tmp_path / "z3.pth"
+        exports[name] = _timm_load(out)[1]
+    assert exports["z0"].keys() == exports["z3"].keys()
+    for key in exports["z0"]:
+        torch.testing.assert_close(exports["z3"][key], exports["z0"][key], rtol=1e-4, atol=1e-5)
+    # The run's own export (written at the end of training) is the same backbone.
+    own = torch.load(tmp_path / "runs" / "z0" / "student_vit_tiny_patch16_224.pth")
+    assert all(torch.equal(own[k], exports["z0"][k]) for k in own)
+
+
+@pytest.mark.slow
+def test_resume_reproduces_uninterrupted_run(tmp_path, images):
+    # 32 images / global 8 = 4 steps per epoch; stop at step 3 (mid-epoch), resume to 8.
+    full = tiny_config(tmp_path, images, name="full", run={"epochs": 2})
+    check(run_pretrain(full))
+    part = tiny_config(tmp_path, images, name="part", run={"epochs": 2, "checkpoint_every": 3})
+    check(run_pretrain(part, "run.max_steps=3"))
+    resumed = check(run_pretrain(part, "--resume", "auto"))
+    assert "resumed from" in resumed.stdout and "step 3" in resumed.stdout
+    a, b = metrics(tmp_path / "runs" / "full"), metrics(tmp_path / "runs" / "part")
+    assert [r["step"] for r in b] == list(range(1, 9))
+    assert [r["sample_digest"] for r in a] == [r["sample_digest"] for r in b]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6), (ra, rb)
+        assert rb["lr"] == pytest.approx(ra["lr"], rel=1e-12)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_and_checkpoint_rotation(tmp_path, images):
+    cfg = tiny_config(tmp_path, images, name="tr", run={"epochs": 1, "checkpoint_every": 1,
+                                                        "keep_last": 2})
+    check(run_pretrain(cfg, nproc=2, launcher="torchrun"))
+    ckpts = tmp_path / "runs" / "tr" / "checkpoints"
+    # 32 images / (2 ranks x 4) = 4 steps; only the last two kept, `latest` on the newest.
+    assert sorted(p.name for p in ckpts.glob("step*")) == ["step00000003", "step00000004"]
+    assert (ckpts / "latest").read_text() == "step00000004"
+    assert not list((ckpts / ".tmp").glob("*"))
+    state = json.loads((ckpts / "step00000004" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and state["epoch"] == 1 and state["step_in_epoch"] == 0
+    assert {p.name for p in (ckpts / "step00000004").glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
+
+
+@pytest.mark.slow
+def test_interrupted_save_leaves_previous_checkpoint_usable(tmp_path, images):
+    cfg = tiny_config(tmp_path, images, name="crash", run={"epochs": 1, "checkpoint_every": 2})
+    check(run_pretrain(cfg, "run.max_steps=2"))
+    ckpts = tmp_path / "runs" / "crash" / "checkpoints"
+    # A save that died half-way: DeepSpeed files in .tmp, never renamed, pointer untouched.
+    half = ckpts / ".tmp" / "step00000004"
+    shutil.copytree(ckpts / "step00000002", half)
+    (half / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    result = check(run_pretrain(cfg, "--resume", "auto"))
+    assert "resumed from" in result.stdout and "step00000002" in result.stdout
+    assert (ckpts / "latest").read_text() == "step00000004"
+    assert not half.exists()
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_different_student(tmp_path, images):
+    cfg = tiny_config(tmp_path, images, name="mm", run={"max_steps": 1})
+    check(run_pretrain(cfg))
+    result = run_pretrain(cfg, "--resume", "auto", "model.arch=vit_small_patch16_224",
+                          "model.adapter=linear")
+    assert result.returncode == 2
+    assert "different run" in result.stderr and "vit_small_patch16_224" in result.stderr
+
+
+NAN_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, "launch")
+import dmt, dmt.losses as L
+calls = {"n": 0}
+original = L.DistillationLoss.__call__
+def poisoned(self, s, t):
+    out = original(self, s, t)
+    calls["n"] += 1
+    if calls["n"] in BAD_CALLS:
+        out["loss"] = out["loss"] * float("nan")
+    return out
+L.DistillationLoss.__call__ = poisoned
+import pretrain
+sys.exit(pretrain.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_skips_step_then_stops(tmp_path, images):
+    cfg = tiny_config(tmp_path, images, name="nan", run={"epochs": 1, "max_nonfinite": 3})
+
+    def run(bad_calls, name):
+        script = NAN_SCRIPT.replace("BAD_CALLS", repr(set(bad_calls)))
+        return subprocess.run([sys.executable, "-c", script, "--config", str(cfg),
+                               f"run.name={name}"], cwd=REPO, capture_output=True, text=True,
+                              env={**__import__("engine_utils").clean_env()})
+
+    # micro 4, global 8: 2 micro-batches a step. Poisoning call 3 hits step 2 only.
+    check(run([3], "once"))
+    rows = metrics(tmp_path / "runs" / "once")
+    assert [r["skipped_nonfinite"] for r in rows] == [False, True, False, False]
+    state = json.loads((tmp_path / "runs" / "once" / "checkpoints" / "step00000004" /
+                        "trainer_state.json").read_text())
+    assert state["nonfinite_total"] == 1
+    # Every step poisoned: three in a row, then a clear stop.
+    result = run(range(1, 100), "always")
+    assert result.returncode == 2
+    assert "3 non-finite losses in a row" in result.stderr
+
+
+def _error_of(tmp_path, config, *overrides):
+    result = run_pretrain(config, *overrides, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    return result.stderr
+
+
+def test_config_errors_are_one_clear_message(tmp_path, images):
+    cfg = tiny_config(tmp_path, images)
+    err = _error_of(tmp_path, cfg, "optim.micro_bach=2")
+    assert "unknown config key 'optim.micro_bach'" in err and "optim.micro_batch" in err
+    err = _error_of(tmp_path, cfg, "optim.micro_batch=four")
+    assert "'optim.micro_batch' must be int" in err
+    err = _error_of(tmp_path, cfg, "teachers.0.kind=mae", f"teachers.0.checkpoint={tmp_path}/nope.pth")
+    assert "checkpoint file not found" in err and "nope.pth" in err
+    err = _error_of(tmp_path, cfg, "optim.global_batch=10")
+    assert "optim.global_batch=10 is not a multiple of optim.micro_batch=4" in err
+    err = _error_of(tmp_path, tmp_path / "missing.yaml")
+    assert "config file not found" in err
+    assert "Traceback" not in err
