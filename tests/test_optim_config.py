@@ -1,0 +1,88 @@
+"""The recipe's pieces checked against independent expectations: schedule, decay groups, configs."""
+import math
+
+import pytest
+import torch
+
+from dmt.config import batch_arithmetic, check_files, load_config
+from dmt.engine.optim import lr_at, param_groups, peak_lr
+from dmt.errors import ConfigError
+from dmt.models import Student
+from engine_utils import REPO
+
+
+def test_lr_schedule_warmup_then_cosine():
+    total, warm, peak = 100, 10, 2.0
+    lrs = [lr_at(s, total, warm, peak, 0.0) for s in range(total)]
+    assert lrs[:warm] == pytest.approx([peak * (s + 1) / warm for s in range(warm)])
+    assert max(lrs) == pytest.approx(peak)
+    # halfway through the cosine part the lr is half the peak; it decays monotonically to ~0
+    assert lr_at(warm + (total - warm) // 2, total, warm, peak, 0.0) == pytest.approx(peak / 2)
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
+    assert lr_at(total, total, warm, peak, 0.1) == pytest.approx(0.1)
+
+
+def test_peak_lr_scales_with_batch_like_mae():
+    cfg = load_config(REPO / "configs" / "dmt_vit_small.yaml")["optim"]
+    assert peak_lr(cfg) == pytest.approx(1.5e-4 * 4096 / 256)
+    assert peak_lr({**cfg, "lr": 3e-4}) == 3e-4
+
+
+def test_weight_decay_only_on_weight_matrices():
+    student = Student("vit_tiny_patch16_224", 384, img_size=32)
+    decay, no_decay = param_groups(student, 0.05)
+    names = {id(p): n for n, p in student.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    for n in ("backbone.pos_embed", "backbone.cls_token", "backbone.norm.weight",
+              "backbone.blocks.0.attn.qkv.bias", "adapter.bias"):
+        assert n in exempt
+    for n in ("backbone.blocks.0.attn.qkv.weight", "backbone.patch_embed.proj.weight",
+              "adapter.weight"):
+        assert n in decayed
+    assert len(decayed) + len(exempt) == len(list(student.parameters()))
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base"])
+def test_paper_configs_hold_the_recipe(size):
+    cfg = load_config(REPO / "configs" / f"dmt_vit_{size}.yaml")
+    assert cfg["model"]["arch"] == f"vit_{size}_patch16_224"
+    assert [t["kind"] for t in cfg["teachers"]] == ["mae", "mocov3", "ibot"]
+    assert {t["arch"] for t in cfg["teachers"]} == {"vit_base_patch16_224"}
+    o = cfg["optim"]
+    assert (o["global_batch"], o["base_lr"], o["weight_decay"], o["betas"], o["warmup_epochs"]) == \
+        (4096, 1.5e-4, 0.05, [0.9, 0.95], 15)
+    assert cfg["run"]["epochs"] == 300 and cfg["method"]["fusion"] == "sum"
+    # The checkpoints are not shipped: the check names the first missing file.
+    with pytest.raises(ConfigError, match="mae_pretrain_vit_base.pth"):
+        check_files(cfg, REPO)
+
+
+def test_batch_arithmetic():
+    assert batch_arithmetic(4096, 128, 8) == 4
+    assert batch_arithmetic(4096, 256, 16) == 1
+    with pytest.raises(ConfigError, match="not a multiple"):
+        batch_arithmetic(4096, 96, 8)
+    with pytest.raises(ConfigError, match="must be positive"):
+        batch_arithmetic(4096, 0, 8)
+
+
+def test_overrides_types_and_lists(tmp_path):
+    cfg = load_config(REPO / "configs" / "demo.yaml",
+                      ["optim.lr=0.001", "teachers.1.weight=2", "method.teachers=[teacher_a]",
+                       "data.color_jitter=[0, 0, 0]"])
+    assert cfg["optim"]["lr"] == 0.001 and cfg["teachers"][1]["weight"] == 2
+    assert cfg["method"]["teachers"] == ["teacher_a"]
+    with pytest.raises(ConfigError, match="teachers.5"):
+        load_config(REPO / "configs" / "demo.yaml", ["teachers.5.weight=1"])
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_config(REPO / "configs" / "demo.yaml", ["method.distance=l1"])
+    with pytest.raises(ConfigError, match="list of 3 numbers"):
+        load_config(REPO / "configs" / "demo.yaml", ["data.color_jitter=[0.4]"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  arhc: vit_tiny_patch16_224\n")
+    with pytest.raises(ConfigError, match=r"model.arhc.*did you mean 'model.arch'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"teachers\[0\].chekpoint"):
+        load_config(None, ["teachers=[{kind: mae, chekpoint: x}]"])
