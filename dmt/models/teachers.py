@@ -9,7 +9,8 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from dmt.errors import CheckpointError, ConfigError
-from dmt.models.checkpoints import (CHECKPOINT_FORMATS, FORMAT_NORMALIZATION,
+from dmt.models.checkpoints import (CHECKPOINT_FORMATS, FORMAT_NORMALIZATION, IMAGENET_MEAN,
+                                    IMAGENET_STD,
                                     read_checkpoint_file)
 
 _LIST_AT_MOST = 12
@@ -78,6 +79,13 @@ class FrozenTeacher(nn.Module):
         cfg = getattr(encoder, "pretrained_cfg", {}) or {}
         self.mean = tuple(mean if mean is not None else cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(std if std is not None else cfg.get("std", (0.229, 0.224, 0.225)))
+        # Batches arrive normalised with ImageNet statistics (dmt.data's default); a teacher
+        # trained with others converts them: x_own = x_imagenet * scale + shift.
+        self.renormalise = self.mean != IMAGENET_MEAN or self.std != IMAGENET_STD
+        scale = torch.tensor(IMAGENET_STD) / torch.tensor(self.std)
+        shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(self.mean)) / torch.tensor(self.std)
+        self.register_buffer("input_scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_shift", shift.view(1, 3, 1, 1), persistent=False)
 
     @property
     def embed_dim(self) -> int:
@@ -92,6 +100,8 @@ class FrozenTeacher(nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.renormalise:
+            images = images * self.input_scale + self.input_shift
         return self.encoder.forward_features(images.to(self.dtype))
 
 
@@ -109,7 +119,7 @@ def load_teacher(kind: str, checkpoint: str | Path | None, arch: str = "vit_base
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             encoder = create_encoder(arch, img_size)
-        return FrozenTeacher(encoder, name, dtype)
+        return FrozenTeacher(encoder, name, dtype, IMAGENET_MEAN, IMAGENET_STD)
     if kind not in CHECKPOINT_FORMATS:
         raise ConfigError(f"unknown teacher kind '{kind}'; choose from "
                           f"{sorted(CHECKPOINT_FORMATS) + ['random']}")
