@@ -98,7 +98,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, images):
 @pytest.mark.slow
 def test_torchrun_two_ranks_and_checkpoint_rotation(tmp_path, images):
     cfg = tiny_config(tmp_path, images, name="tr", run={"epochs": 1, "checkpoint_every": 1,
-                                                        "keep_last": 2})
+                                                        "keep_last": 2, "tensorboard": True})
     check(run_pretrain(cfg, nproc=2, launcher="torchrun"))
     ckpts = tmp_path / "runs" / "tr" / "checkpoints"
     # 32 images / (2 ranks x 4) = 4 steps; only the last two kept, `latest` on the newest.
@@ -108,6 +108,11 @@ def test_torchrun_two_ranks_and_checkpoint_rotation(tmp_path, images):
     state = json.loads((ckpts / "step00000004" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and state["epoch"] == 1 and state["step_in_epoch"] == 0
     assert {p.name for p in (ckpts / "step00000004").glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "runs" / "tr" / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx([r["loss"] for r in metrics(tmp_path / "runs" / "tr")])
 
 
 @pytest.mark.slow
