@@ -41,6 +41,8 @@ def _fit_pos_embed(state: dict, model: nn.Module) -> dict:
 
 
 def _short(items: list) -> str:
+    # Top-level keys (cls_token, pos_embed, norm) say more than the 12th block's; list them first.
+    items = sorted(items, key=lambda k: (".blocks." in f".{k}", k))
     shown = ", ".join(str(i) for i in items[:_LIST_AT_MOST])
     more = f" (+{len(items) - _LIST_AT_MOST} more)" if len(items) > _LIST_AT_MOST else ""
     return shown + more
