@@ -23,6 +23,7 @@ _DECLARED_TYPES: dict[str, tuple[type, ...]] = {
     "optim.lr": (float, int),
     "optim.clip_grad": (float, int),
     "method.teachers": (list,),
+    "teacher_runtime.compile": (bool, str),
 }
 TEACHER_DEFAULTS = {"name": None, "kind": None, "checkpoint": None,
                     "arch": "vit_base_patch16_224", "weight": 1.0}
@@ -31,7 +32,7 @@ _CHOICES = {
     "model.adapter": ("linear", "identity", "mlp"),
     "teacher_runtime.dtype": ("bfloat16", "float16", "float32"),
     "teacher_runtime.placement": ("colocated", "dedicated"),
-    "teacher_runtime.stack": ("auto", "on", "off"),
+    "teacher_runtime.stack": ("auto", "always", "never"),
     "method.name": ("dmt",),
     "method.distance": ("kl", "mse"),
     "method.direction": ("student_teacher", "teacher_student"),
@@ -201,6 +202,22 @@ def batch_arithmetic(global_batch: int, micro_batch: int, data_parallel: int) ->
             f"global batch of {max(per_step, global_batch // per_step * per_step)} or "
             f"{(global_batch // per_step + 1) * per_step}, or another micro-batch")
     return global_batch // per_step
+
+
+def student_ranks(cfg: dict, world_size: int) -> int:
+    """Data-parallel student ranks: the world less the dedicated teacher ranks."""
+    runtime = cfg["teacher_runtime"]
+    if runtime["placement"] == "colocated" and runtime["teacher_ranks"]:
+        raise ConfigError("teacher_runtime.teacher_ranks must be 0 with placement 'colocated' "
+                          "(set teacher_runtime.placement=dedicated)")
+    if runtime["placement"] == "dedicated":
+        if runtime["teacher_ranks"] < 1:
+            raise ConfigError("placement 'dedicated' needs teacher_runtime.teacher_ranks >= 1")
+        if 2 * runtime["teacher_ranks"] > world_size:
+            raise ConfigError(f"teacher_runtime.teacher_ranks={runtime['teacher_ranks']} of "
+                              f"{world_size} rank(s) leaves too few student ranks: every "
+                              "teacher rank serves at least one student rank")
+    return world_size - runtime["teacher_ranks"]
 
 
 def check_files(cfg: dict, repo_root: Path | None = None) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dmt  # noqa: E402  (before timm: see dmt/__init__.py)
-from dmt.config import batch_arithmetic, check_files, load_config  # noqa: E402
+from dmt.config import batch_arithmetic, check_files, load_config, student_ranks  # noqa: E402
 from dmt.errors import DMTError  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
             cfg["deepspeed"]["config"] = args.deepspeed_config
         check_files(cfg, Path(__file__).resolve().parents[1])
         batch_arithmetic(cfg["optim"]["global_batch"], cfg["optim"]["micro_batch"],
-                         int(os.environ.get("WORLD_SIZE", 1)))
+                         student_ranks(cfg, int(os.environ.get("WORLD_SIZE", 1))))
 
         from dmt.engine.distributed import setup_distributed
         from dmt.engine.trainer import train

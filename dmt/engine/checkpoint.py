@@ -26,7 +26,7 @@ from dmt.models import backbone_state_dict
 LATEST = "latest"
 
 
-def _tag(step: int) -> str:
+def checkpoint_tag(step: int) -> str:
     return f"step{step:08d}"
 
 
@@ -56,18 +56,19 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(engine, ckpt_root: Path, step: int, trainer_state: dict, rank: int,
-                    keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
-    tag = _tag(step)
+                    keep_last: int, group=None) -> Path:
+    """Collective over the student ranks (`group`; dedicated teacher ranks join DeepSpeed's
+    own world-wide collectives separately). Returns the final checkpoint directory."""
+    tag = checkpoint_tag(step)
     tmp_root, final = ckpt_root / ".tmp", ckpt_root / tag
     if rank == 0:
         shutil.rmtree(tmp_root / tag, ignore_errors=True)  # leftovers of a crashed save
         tmp_root.mkdir(parents=True, exist_ok=True)
-    barrier()
+    barrier(group)
     engine.save_checkpoint(str(tmp_root), tag=tag, client_state={"trainer": trainer_state},
                            save_latest=False)
     torch.save(rng_state(), tmp_root / tag / f"rng_rank{rank}.pt")
-    barrier()
+    barrier(group)
     if rank == 0:
         (tmp_root / tag / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         if final.exists():  # an identical step re-saved after a resume
@@ -75,7 +76,7 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, trainer_state: dict, ran
         os.replace(tmp_root / tag, final)
         write_atomic(ckpt_root / LATEST, tag.encode())
         _prune(ckpt_root, keep_last)
-    barrier()
+    barrier(group)
     return final
 
 

@@ -1,28 +1,32 @@
-"""The training loop: a DeepSpeed student engine, frozen teachers beside it.
+"""The training loop: a DeepSpeed student engine, frozen teachers beside it or on their own
+ranks ("dedicated" placement, which stream the fused targets to the students).
 
-One optimizer step = `accum` micro-batches per rank x data-parallel ranks = global batch.
-The loop is iteration-based; the trainer state (epoch, step in epoch, global step) plus
-the deterministic data order is all that `--resume auto` needs to continue exactly.
+One optimizer step = `accum` micro-batches per student rank x student ranks = global batch.
+The loop is iteration-based; the trainer state (epoch, step in epoch, global step) plus the
+deterministic data order is all `--resume auto` needs to continue exactly.
 """
 from __future__ import annotations
 
 import json
 import resource
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
 
-from dmt.build import build_method, build_student, build_teachers
-from dmt.config import batch_arithmetic, dump_config, resolve_path
+from dmt.build import DTYPES, build_method, build_student, build_teachers
+from dmt.config import batch_arithmetic, dump_config, resolve_path, student_ranks
 from dmt.data import build_loader, write_sample_images
 from dmt.engine import checkpoint as ckpt
 from dmt.engine.distributed import DistInfo, barrier
 from dmt.engine.logger import RunLogger
 from dmt.engine.optim import build_optimizer, lr_at, peak_lr
 from dmt.errors import ConfigError, DMTError
+from dmt.models.fast import optimize_teachers
+from dmt.placement import build_placement
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,10 +82,26 @@ def _prepare_data_path(cfg: dict, run_dir: Path, info: DistInfo) -> str | None:
     return str(folder)
 
 
-def train(cfg: dict, info: DistInfo, resume: str | None = None,
-          deepspeed_config_path: str | None = None) -> dict:
-    run_cfg, optim_cfg = cfg["run"], cfg["optim"]
-    dp_world = info.world_size
+def micro_batches(loader, state: dict, steps_per_epoch: int, accum: int,
+                  total_steps: int) -> Iterator[dict]:
+    """The micro-batches of the run from `state` on, epoch after epoch. Student ranks and
+    the teacher ranks that serve them walk this same sequence."""
+    epoch, step_in_epoch, step = state["epoch"], state["step_in_epoch"], state["global_step"]
+    while step < total_steps:
+        loader.set_epoch(epoch, start_batch=step_in_epoch * accum)
+        batches = iter(loader)
+        for _ in range(step_in_epoch, steps_per_epoch):
+            if step >= total_steps:
+                return
+            for _ in range(accum):
+                yield next(batches)
+            step += 1
+        epoch, step_in_epoch = epoch + 1, 0
+
+
+def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
+    run_cfg, optim_cfg, runtime = cfg["run"], cfg["optim"], cfg["teacher_runtime"]
+    dp_world = student_ranks(cfg, info.world_size)
     accum = batch_arithmetic(optim_cfg["global_batch"], optim_cfg["micro_batch"], dp_world)
     run_dir = Path(run_cfg["output_dir"]) / run_cfg["name"]
     if info.is_main:
@@ -92,139 +112,150 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None,
     torch.manual_seed(run_cfg["seed"] + info.rank)
 
     # --- models: frozen half-precision teachers outside the engine, the student inside it
-    teachers = build_teachers(cfg, info.device, warn=log.warn)
+    teachers = optimize_teachers(build_teachers(cfg, info.device, warn=log.warn),
+                                 DTYPES[runtime["dtype"]], compile=runtime["compile"],
+                                 stack=runtime["stack"])
     student = build_student(cfg, teachers.embed_dim)
     if student.num_tokens != teachers.num_tokens:
         raise ConfigError(f"student {cfg['model']['arch']} gives {student.num_tokens} tokens, the "
                           f"teachers {teachers.num_tokens}: use the same patch size and img_size")
     method = build_method(cfg, student, teachers)
+    placement = build_placement(runtime["placement"], runtime["teacher_ranks"], method,
+                                micro_batch=optim_cfg["micro_batch"], device=info.device)
 
-    # --- data: each data-parallel rank reads its own shard of the (seed, epoch) order
-    data = cfg["data"]
-    loader = build_loader(data["backend"], _prepare_data_path(cfg, run_dir, info),
-                          optim_cfg["micro_batch"], image_size=cfg["model"]["img_size"],
-                          crop_scale=tuple(data["crop_scale"]),
-                          color_jitter=tuple(data["color_jitter"]), seed=run_cfg["seed"],
-                          rank=info.rank, world_size=dp_world, device=str(info.device),
-                          num_workers=data["num_workers"],
-                          mean=teachers.teachers[0].mean, std=teachers.teachers[0].std)
-    steps_per_epoch = len(loader) // accum
+    # --- data: each student rank reads its own shard of the (seed, epoch) order
+    data, data_path = cfg["data"], _prepare_data_path(cfg, run_dir, info)
+
+    def loader_for(rank: int, world_size: int):
+        return build_loader(data["backend"], data_path, optim_cfg["micro_batch"],
+                            image_size=cfg["model"]["img_size"],
+                            crop_scale=tuple(data["crop_scale"]),
+                            color_jitter=tuple(data["color_jitter"]), seed=run_cfg["seed"],
+                            rank=rank, world_size=world_size, device=str(info.device),
+                            num_workers=data["num_workers"])  # ImageNet statistics
+
+    shards = (placement.data_shards if placement.role == "teacher"
+              else [(placement.data_rank, placement.data_world_size)])
+    loaders = [loader_for(r, w) for r, w in shards]
+    steps_per_epoch = len(loaders[0]) // accum
     if steps_per_epoch == 0:
-        raise ConfigError(f"one epoch gives {len(loader)} micro-batches per rank, fewer than the "
-                          f"{accum} one optimizer step needs (global batch "
-                          f"{optim_cfg['global_batch']} > {loader.num_samples} samples?)")
+        raise ConfigError(f"one epoch gives {len(loaders[0])} micro-batches per rank, fewer than "
+                          f"the {accum} one optimizer step needs (global batch "
+                          f"{optim_cfg['global_batch']} > {loaders[0].num_samples} samples?)")
     schedule_steps = run_cfg["epochs"] * steps_per_epoch
     # max_steps stops early (smoke runs, tests); the lr schedule still spans run.epochs.
     total_steps = min(schedule_steps, run_cfg["max_steps"] or schedule_steps)
-    warmup_steps = round(optim_cfg["warmup_epochs"] * steps_per_epoch)
-
-    # --- engine
-    ds_config = deepspeed_config(cfg, accum, deepspeed_config_path)
-    optimizer = build_optimizer(student, optim_cfg, info.device)
-    engine, optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
-                                                   config=ds_config)
-    method.student = engine
-    student_dtype = _engine_dtype(engine)
 
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "nonfinite_total": 0,
              "images_seen": 0}
-    ckpt_root = run_dir / "checkpoints"
-    if resume:
-        path = ckpt.find_checkpoint(resume, run_dir)
-        if path is None:
-            log.info(f"--resume {resume}: no checkpoint in {run_dir} yet, starting fresh")
-        else:
-            saved = json.loads((path / "trainer_state.json").read_text())
-            ckpt.check_compatible(saved["config"], cfg, path)
-            state.update({k: v for k, v in ckpt.load_checkpoint(engine, path, info.rank).items()
-                          if k in state})
-            log.info(f"resumed from {path} at step {state['global_step']} "
-                     f"(epoch {state['epoch']}, step {state['step_in_epoch']} of the epoch)")
+    resume_from = ckpt.find_checkpoint(resume, run_dir) if resume else None
+    if resume_from is not None:
+        saved = json.loads((resume_from / "trainer_state.json").read_text())
+        ckpt.check_compatible(saved["config"], cfg, resume_from)
+        state.update({k: v for k, v in saved.items() if k in state})
+
+    if placement.role == "teacher":
+        _serve_targets(placement, loaders, state, steps_per_epoch, accum, total_steps, run_cfg)
+        return {"run_dir": run_dir, "role": "teacher", **state}
+
+    # --- the student engine, confined to the student ranks by the placement's mpu
+    optimizer = build_optimizer(student, optim_cfg, info.device)
+    engine, optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
+                                                   config=deepspeed_config(cfg, accum),
+                                                   mpu=placement.mpu)
+    method.student = engine
+    group = placement.mpu.get_data_parallel_group() if placement.mpu else None
+    if resume_from is not None:
+        ckpt.load_checkpoint(engine, resume_from, info.rank)
+        log.info(f"resumed from {resume_from} at step {state['global_step']} "
+                 f"(epoch {state['epoch']}, step {state['step_in_epoch']} of the epoch)")
+    elif resume:
+        log.info(f"--resume {resume}: no checkpoint in {run_dir} yet, starting fresh")
     log.close()
     log = RunLogger(run_dir, total_steps, info.is_main, run_cfg["progress"],
                     run_cfg["tensorboard"], start_step=state["global_step"])
     log.info(f"run {run_dir}: {total_steps} steps, {steps_per_epoch} per epoch, global batch "
              f"{optim_cfg['global_batch']} = {optim_cfg['micro_batch']} x {accum} accumulation x "
-             f"{dp_world} rank(s); teachers {teachers.names}; student {cfg['model']['arch']}")
+             f"{dp_world} student rank(s); teachers {teachers.names} ({runtime['placement']}, "
+             f"{teachers.describe()}); student {cfg['model']['arch']}")
 
-    peak, pending, streak = peak_lr(optim_cfg), [], 0
-    window_start, window_steps = time.perf_counter(), 0
-    last_ckpt, train_start, start_step = None, time.perf_counter(), state["global_step"]
+    loader = loaders[0]
+    batches = micro_batches(loader, state, steps_per_epoch, accum, total_steps)
+    student_dtype = _engine_dtype(engine)
+    peak, pending, streak, last_ckpt = peak_lr(optim_cfg), [], 0, None
+    window_start, train_start, start_step = time.perf_counter(), time.perf_counter(), state["global_step"]
+    skipped_reported = loader.skipped
     while state["global_step"] < total_steps:
-        loader.set_epoch(state["epoch"], start_batch=state["step_in_epoch"] * accum)
-        batches = iter(loader)
-        skipped_before = loader.skipped
-        epoch_done = False
-        while not epoch_done and state["global_step"] < total_steps:
-            lr = lr_at(state["global_step"], schedule_steps, warmup_steps, peak, optim_cfg["min_lr"])
-            terms, data_wait, indices, bad_step = None, 0.0, [], False
-            for _ in range(accum):
-                t0 = time.perf_counter()
-                batch = next(batches)
-                data_wait += time.perf_counter() - t0
-                indices.append(batch["index"].cpu())
-                batch = {"teacher": batch["teacher"].to(info.device, non_blocking=True),
-                         "student": batch["student"].to(info.device, student_dtype,
-                                                        non_blocking=True)}
-                out = method(batch)
-                loss = out["loss"]
-                # One flag, agreed by all ranks, so every rank skips the same steps.
-                bad = (~torch.isfinite(loss.detach())).float()
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-                if bad.item():
-                    bad_step = True
-                    loss = (out["student_tokens"] * 0).sum()  # zero grads, hooks still fire
-                step_terms = torch.stack([out[k].detach().float() for k in ("loss", *method.loss.terms)])
-                terms = step_terms if terms is None else terms + step_terms
-                for group in engine.optimizer.param_groups:
-                    group["lr"] = 0.0 if bad_step else lr  # lr 0: a skipped step moves nothing
-                engine.backward(loss)
-                engine.step()
-            state["global_step"] += 1
-            state["step_in_epoch"] += 1
-            state["images_seen"] += optim_cfg["global_batch"]
-            streak = streak + 1 if bad_step else 0
-            state["nonfinite_total"] += int(bad_step)
-            pending.append({"terms": terms / accum, "lr": lr, "data_wait": data_wait,
-                            "bad": bad_step, "digest": _digest(indices),
-                            "step": state["global_step"], "epoch": state["epoch"]})
-            window_steps += 1
-            log.advance(state["epoch"])
-            if bad_step:
-                log.warn(f"step {state['global_step']}: non-finite loss, step skipped "
-                         f"({streak} in a row, {state['nonfinite_total']} in total)")
-            if streak >= run_cfg["max_nonfinite"]:
-                log.close()
-                raise DMTError(f"stopping: {streak} non-finite losses in a row (run.max_nonfinite"
-                               f"={run_cfg['max_nonfinite']}) at step {state['global_step']}; "
-                               f"the last checkpoint is {last_ckpt or 'none'}. Lower the lr, "
-                               "enable optim.clip_grad, or check the data.")
-            if state["step_in_epoch"] == steps_per_epoch:
-                state["epoch"], state["step_in_epoch"], epoch_done = state["epoch"] + 1, 0, True
-            done = state["global_step"] == total_steps
-            if len(pending) >= run_cfg["log_every"] or done:
-                elapsed = time.perf_counter() - window_start
-                _flush(pending, log, method.loss.terms, total_steps,
-                       optim_cfg["global_batch"] * window_steps / elapsed, info)
-                pending, window_start, window_steps = [], time.perf_counter(), 0
-            if state["global_step"] % run_cfg["checkpoint_every"] == 0 or done:
-                last_ckpt = ckpt.save_checkpoint(engine, ckpt_root, state["global_step"],
-                                                 {**state, "config": cfg}, info.rank,
-                                                 run_cfg["keep_last"])
-                window_start = time.perf_counter()  # checkpoint time is not training time
-        if loader.skipped > skipped_before:
-            log.warn(f"epoch {state['epoch']}: skipped {loader.skipped - skipped_before} "
-                     f"unreadable file(s) on rank 0: {loader.skipped_files[-5:]}")
+        lr = lr_at(state["global_step"], schedule_steps, warmup_steps(optim_cfg, steps_per_epoch),
+                   peak, optim_cfg["min_lr"])
+        terms, data_wait, indices, bad_step = None, 0.0, [], False
+        for _ in range(accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - t0
+            indices.append(batch["index"].cpu())
+            targets = placement.targets(batch)
+            out = method({"student": batch["student"].to(info.device, student_dtype,
+                                                         non_blocking=True)}, targets=targets)
+            loss = out["loss"]
+            # One flag, agreed by all student ranks, so every rank skips the same steps.
+            bad = (~torch.isfinite(loss.detach())).float()
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+            if bad.item():
+                bad_step = True
+                loss = (out["student_tokens"] * 0).sum()  # zero grads; DeepSpeed hooks still fire
+            step_terms = torch.stack([out[k].detach().float() for k in ("loss", *method.loss.terms)])
+            terms = step_terms if terms is None else terms + step_terms
+            for param_group in engine.optimizer.param_groups:
+                param_group["lr"] = 0.0 if bad_step else lr  # lr 0: a skipped step moves nothing
+            engine.backward(loss)
+            engine.step()
+        state["global_step"] += 1
+        state["step_in_epoch"] += 1
+        state["images_seen"] += optim_cfg["global_batch"]
+        streak = streak + 1 if bad_step else 0
+        state["nonfinite_total"] += int(bad_step)
+        pending.append({"terms": terms / accum, "lr": lr, "data_wait": data_wait,
+                        "bad": bad_step, "digest": _digest(indices),
+                        "step": state["global_step"], "epoch": state["epoch"]})
+        log.advance(state["epoch"])
+        if bad_step:
+            log.warn(f"step {state['global_step']}: non-finite loss, step skipped "
+                     f"({streak} in a row, {state['nonfinite_total']} in total)")
+        if streak >= run_cfg["max_nonfinite"]:
+            log.close()
+            raise DMTError(f"stopping: {streak} non-finite losses in a row (run.max_nonfinite="
+                           f"{run_cfg['max_nonfinite']}) at step {state['global_step']}; the last "
+                           f"checkpoint is {last_ckpt or 'none'}. Lower the lr, enable "
+                           "optim.clip_grad, or check the data.")
+        if state["step_in_epoch"] == steps_per_epoch:
+            state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
+            if loader.skipped > skipped_reported:
+                log.warn(f"epoch {state['epoch'] - 1}: skipped {loader.skipped - skipped_reported}"
+                         f" unreadable file(s) on rank 0: {loader.skipped_files[-5:]}")
+                skipped_reported = loader.skipped
+        done = state["global_step"] == total_steps
+        if len(pending) >= run_cfg["log_every"] or done:
+            elapsed = time.perf_counter() - window_start
+            _flush(pending, log, method.loss.terms, total_steps,
+                   optim_cfg["global_batch"] * len(pending) / elapsed, info, group)
+            pending, window_start = [], time.perf_counter()
+        if checkpoint_due(state["global_step"], run_cfg, total_steps):
+            last_ckpt = ckpt.save_checkpoint(engine, run_dir / "checkpoints", state["global_step"],
+                                             {**state, "config": cfg}, info.rank,
+                                             run_cfg["keep_last"], group=group)
+            window_start = time.perf_counter()  # checkpoint time is not training time
+    placement.close()
 
     skipped = torch.tensor([float(loader.skipped)])
-    dist.all_reduce(skipped)
+    dist.all_reduce(skipped, group=group)
     exported = None
     if run_cfg["export"] and last_ckpt is not None and info.is_main:
         exported = ckpt.export_student(last_ckpt, run_dir / f"student_{cfg['model']['arch']}.pth")
-    barrier()
+    barrier(group)
     wall = time.perf_counter() - train_start
     steps_run = state["global_step"] - start_step
-    summary = {
+    log.summary({
         "run directory": str(run_dir),
         "steps": f"{state['global_step']} / {total_steps} ({steps_run} this launch)",
         "epochs completed": state["epoch"],
@@ -235,25 +266,47 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None,
         "peak memory (rank 0)": f"{_peak_memory_gb(info.device):.2f} GiB",
         "last checkpoint": str(last_ckpt),
         "exported student": str(exported) if exported else "-",
-    }
-    log.summary(summary)
+    })
     log.close()
-    return {"run_dir": run_dir, "last_checkpoint": last_ckpt, "exported": exported, **state}
+    return {"run_dir": run_dir, "role": "student", "last_checkpoint": last_ckpt,
+            "exported": exported, **state}
+
+
+def warmup_steps(optim_cfg: dict, steps_per_epoch: int) -> int:
+    return round(optim_cfg["warmup_epochs"] * steps_per_epoch)
+
+
+def checkpoint_due(step: int, run_cfg: dict, total_steps: int) -> bool:
+    return step % run_cfg["checkpoint_every"] == 0 or step == total_steps
+
+
+def _serve_targets(placement, loaders, state: dict, steps_per_epoch: int, accum: int,
+                   total_steps: int, run_cfg: dict) -> None:
+    """A dedicated teacher rank: the same micro-batches as its students, fused targets out,
+    and a seat at the students' checkpoint collectives."""
+    streams = {s: micro_batches(loader, state, steps_per_epoch, accum, total_steps)
+               for s, loader in zip(placement.students, loaders)}
+
+    def after_micro_batch(served: int) -> None:
+        if served % accum == 0:
+            step = state["global_step"] + served // accum
+            if checkpoint_due(step, run_cfg, total_steps):
+                placement.join_checkpoint(ckpt.checkpoint_tag(step))
+
+    placement.serve(streams, steps=(total_steps - state["global_step"]) * accum,
+                    on_step=after_micro_batch)
+    placement.close()
 
 
 def _flush(pending: list[dict], log: RunLogger, terms: tuple[str, ...], total_steps: int,
-           img_per_s: float, info: DistInfo) -> None:
+           img_per_s: float, info: DistInfo, group) -> None:
     """One host sync per window: reduce the window's loss terms across ranks, write lines."""
     values = torch.stack([p["terms"] for p in pending])
-    dist.all_reduce(values)
-    values = (values / info.world_size).tolist()
+    dist.all_reduce(values, group=group)
+    values = (values / dist.get_world_size(group)).tolist()
     memory = _peak_memory_gb(info.device)
-    records = []
-    for p, v in zip(pending, values):
-        record = {"step": p["step"], "total_steps": total_steps, "epoch": p["epoch"],
-                  "loss": v[0], **{t: x for t, x in zip(terms, v[1:])}, "lr": p["lr"],
-                  "img_per_s": img_per_s, "data_wait_s": p["data_wait"],
-                  "peak_mem_gb": memory, "skipped_nonfinite": p["bad"],
-                  "sample_digest": p["digest"]}
-        records.append(record)
-    log.log_steps(records)
+    log.log_steps([{"step": p["step"], "total_steps": total_steps, "epoch": p["epoch"],
+                    "loss": v[0], **{t: x for t, x in zip(terms, v[1:])}, "lr": p["lr"],
+                    "img_per_s": img_per_s, "data_wait_s": p["data_wait"],
+                    "peak_mem_gb": memory, "skipped_nonfinite": p["bad"],
+                    "sample_digest": p["digest"]} for p, v in zip(pending, values)])

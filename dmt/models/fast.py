@@ -11,8 +11,9 @@ inference, so the teacher path is where speed is won or lost. What this module d
 - optionally torch.compile of the teacher pass (`compile=True`, or a mode name such as
   "reduce-overhead" for CUDA graphs of the fixed-shape pass);
 - optionally same-architecture teachers stacked into one batched computation
-  (`StackedViT`: every linear is one batched matmul over the teacher axis, LayerNorm
-  affines folded into the following linear).
+  (`StackedViT`: every linear is one batched matmul over the teacher axis; LayerNorm
+  affines folded into the following linear, each teacher's input re-normalisation into
+  its patch-embedding filters).
 
 Which of loop / stacked is faster depends on the device; `stack="auto"` follows
 STACK_IS_FASTER below, which records what benchmarks/throughput.py measured.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,36 +33,49 @@ from dmt.models.teachers import FrozenTeacher, TeacherEnsemble
 
 log = logging.getLogger(__name__)
 
-# Evidence for stack="auto", per device type (benchmarks/results/throughput_cpu_*.json,
-# section "teacher_variants"). CPU: measured on a 2-core AMD EPYC, fp32, 2-3 ViT-S
-# teachers at 64 px: see STACK_EVIDENCE. CUDA: not measured yet (no GPU was available when
-# this was written), so the safe default is the per-teacher loop of stock timm modules,
-# whose large per-teacher matmuls already saturate a GPU at training batch sizes. Run
-# `benchmarks/throughput.py --preset gpu` and update this table with its verdict.
+# Evidence for stack="auto", per device type. CPU (benchmarks/results/throughput_cpu_cpu.json,
+# "teacher_variants"; 2-core AMD EPYC, 1 thread, fp32): 3 ViT-S teachers, 64 px, batch 16,
+# teacher pass + fusion, three runs: loop 555 / 630 / 722 ms, stacked 559 / 614 / 615 ms,
+# i.e. no difference beyond the machine's noise once matmuls dominate; stacking only won at
+# toy shapes (2 ViT-T, 32 px, batch 2: 16 vs 38 ms, per-op overhead). Not measurably faster
+# at training shapes -> loop, which is stock timm and bit-exact. CUDA: not measured yet (no
+# GPU was available when this was written); the loop is the safe default there too, its
+# per-teacher matmuls are already large at training batch sizes. `benchmarks/throughput.py
+# --preset gpu` measures both (and torch.compile); update this table with its verdict.
 STACK_IS_FASTER: dict[str, bool] = {"cpu": False, "cuda": False}
-STACK_EVIDENCE = {
-    "cpu": "benchmarks/results/throughput_cpu_cpu.json: teacher_variants",
-    "cuda": "unmeasured (no GPU in the session that wrote this); loop kept as the safe default",
-}
 
 STACK_CHOICES = ("auto", "always", "never", True, False)
 
 
 class LoopTeacher(nn.Module):
-    """One frozen timm encoder in `dtype` with fused attention; forward -> tokens."""
+    """One frozen teacher in `dtype` with fused attention; forward -> [tokens].
+
+    Exactly FrozenTeacher's computation (input re-normalisation to the teacher's own
+    statistics, then the timm encoder), so its tokens are bit for bit the plain path's.
+    """
 
     def __init__(self, teacher: FrozenTeacher, dtype: torch.dtype):
         super().__init__()
-        encoder = teacher.encoder.to(dtype).eval().requires_grad_(False)
-        for module in encoder.modules():
+        teacher.encoder.to(dtype).eval().requires_grad_(False)
+        teacher.dtype = dtype  # converted in place: keep the FrozenTeacher consistent
+        for module in teacher.encoder.modules():
             if hasattr(module, "fused_attn"):
                 module.fused_attn = True  # SDPA instead of softmax(q k^T) v in eager ops
-        self.encoder = encoder
+        self.teacher = teacher
         self.dtype = dtype
-        teacher.dtype = dtype  # the FrozenTeacher shares this encoder: keep it consistent
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return [self.encoder.forward_features(images)]
+        t = self.teacher
+        if getattr(t, "renormalise", False):
+            images = images * t.input_scale + t.input_shift
+        return [t.encoder.forward_features(images.to(self.dtype))]
+
+
+def _input_affine(teacher: FrozenTeacher) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(scale, shift) per channel mapping ImageNet-normalised input to the teacher's own."""
+    if not getattr(teacher, "renormalise", False):
+        return None
+    return teacher.input_scale.detach().float().view(3), teacher.input_shift.detach().float().view(3)
 
 
 def stack_blocker(encoder: nn.Module) -> str | None:
@@ -71,8 +86,9 @@ def stack_blocker(encoder: nn.Module) -> str | None:
 
     if type(encoder) is not VisionTransformer:
         return f"{type(encoder).__name__} is not a plain timm VisionTransformer"
-    if type(encoder.patch_embed) is not PatchEmbed or not encoder.patch_embed.flatten \
-            or not isinstance(encoder.patch_embed.norm, nn.Identity):
+    patch = encoder.patch_embed
+    if type(patch) is not PatchEmbed or not patch.flatten or not isinstance(patch.norm, nn.Identity) \
+            or patch.proj.bias is None or getattr(patch, "dynamic_img_pad", False):
         return "non-standard patch embedding"
     if getattr(encoder, "dynamic_img_size", False) or encoder.pos_embed is None:
         return "dynamic image size or no absolute position embedding"
@@ -132,9 +148,11 @@ class StackedViT(nn.Module):
     forward_features (up to rounding: the LayerNorm affines are folded into the linears).
     """
 
-    def __init__(self, encoders: list[nn.Module], dtype: torch.dtype):
+    def __init__(self, encoders: list[nn.Module], dtype: torch.dtype,
+                 input_affines: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None):
         super().__init__()
         first = encoders[0]
+        input_affines = input_affines or [None] * len(encoders)
         for enc in encoders:
             reason = stack_blocker(enc)
             if reason:
@@ -159,11 +177,21 @@ class StackedViT(nn.Module):
         def put(name: str, tensor: torch.Tensor) -> None:
             self.register_buffer(name, tensor, persistent=False)
 
-        # One convolution with M*D filters embeds the patches for every teacher at once.
-        put("patch_w", torch.cat([e.patch_embed.proj.weight.detach().float() for e in encoders])
-            .to(dtype))
-        put("patch_b", torch.cat([e.patch_embed.proj.bias.detach().float() for e in encoders])
-            .to(dtype))
+        # One convolution with M*D filters embeds the patches for every teacher at once. A
+        # teacher's input re-normalisation x*s + t (per channel) is folded into its filters:
+        # the patch conv is linear and unpadded, so conv(x*s + t) = conv'(x).
+        weights, biases = [], []
+        for e, affine in zip(encoders, input_affines):
+            w = e.patch_embed.proj.weight.detach().float()   # [D, C, p, p]
+            b = e.patch_embed.proj.bias.detach().float()
+            if affine is not None:
+                scale, shift = (v.to(w.device) for v in affine)
+                b = b + (w * shift.view(1, -1, 1, 1)).sum((1, 2, 3))
+                w = w * scale.view(1, -1, 1, 1)
+            weights.append(w)
+            biases.append(b)
+        put("patch_w", torch.cat(weights).to(dtype))
+        put("patch_b", torch.cat(biases).to(dtype))
         prefix = []
         for e in encoders:
             parts = [t for t in (e.cls_token, getattr(e, "reg_token", None)) if t is not None]
@@ -226,6 +254,18 @@ class StackedViT(nn.Module):
         return list(x.view(m, b, t, d).unbind(0))
 
 
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What code written for TeacherEnsemble reads from ensemble.teachers[i]."""
+
+    name: str
+    mean: tuple
+    std: tuple
+    embed_dim: int
+    num_tokens: int
+    dtype: torch.dtype
+
+
 class FastTeachers(nn.Module):
     """Drop-in for TeacherEnsemble: forward(images) -> list of [B, T, D] tokens, one per
     teacher in the ensemble's order, computed by loop and/or stacked runners."""
@@ -239,7 +279,9 @@ class FastTeachers(nn.Module):
         self._names, self._embed_dim, self._num_tokens = names, embed_dim, num_tokens
         self.dtype = dtype
         self.compile_mode = compile_mode
-        self.means, self.stds = means, stds
+        # Plain records, not modules: `ensemble.teachers[0].mean` keeps working.
+        self.teachers = [TeacherInfo(n, m, s, embed_dim, num_tokens, dtype)
+                         for n, m, s in zip(names, means, stds)]
         self._calls = [torch.compile(r, mode=compile_mode, dynamic=False, fullgraph=False)
                        if compile_mode else r for r in self.runners]
         self.train(False)
@@ -262,14 +304,16 @@ class FastTeachers(nn.Module):
 
     def describe(self) -> dict:
         return {"dtype": str(self.dtype).replace("torch.", ""), "compile": self.compile_mode,
-                "runners": [f"{type(r).__name__}x{len(s)}" for r, s in zip(self.runners, self.slots)]}
+                "runners": [f"{type(r).__name__}x{len(s)}"
+                            for r, s in zip(self.runners, self.slots)]}
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen for good
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        images = images.to(self.dtype)  # converted once for all teachers
+        # Each runner casts to its dtype itself, after any input re-normalisation (in the
+        # input's precision, as FrozenTeacher does).
         out: list[torch.Tensor | None] = [None] * len(self._names)
         for slots, call in zip(self.slots, self._calls):
             for slot, tokens in zip(slots, call(images)):
@@ -325,7 +369,8 @@ def optimize_teachers(ensemble: TeacherEnsemble, dtype: torch.dtype = torch.bflo
     for key, idx in groups.items():
         if use_stack and len(idx) > 1 and key[0] != "loop":
             device = next(teachers[idx[0]].encoder.parameters()).device
-            runner = StackedViT([teachers[i].encoder for i in idx], dtype).to(device)
+            runner = StackedViT([teachers[i].encoder for i in idx], dtype,
+                                [_input_affine(teachers[i]) for i in idx]).to(device)
             runners.append((idx, runner))
         else:
             runners.extend(([i], LoopTeacher(teachers[i], dtype)) for i in idx)

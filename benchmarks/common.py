@@ -1,0 +1,194 @@
+"""What every benchmark result carries: the machine, the software, the command, the time.
+
+A figure without its machine is not a result. Used by benchmarks/throughput.py (and meant
+for benchmarks/dataloader.py too).
+"""
+from __future__ import annotations
+
+import ctypes
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _cpu_flags() -> list[str]:
+    """The flags that decide CPU matmul speed per dtype (AVX-512 BF16/FP16, AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+    except OSError:
+        pass
+    return []
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_description(device: torch.device | str = "cpu") -> dict:
+    device = torch.device(device)
+    info = {
+        "device_type": device.type,
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_flags": _cpu_flags(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": _memory_gib(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {p: _version(p) for p in ("torch", "deepspeed", "timm", "numpy",
+                                               "nvidia-dali-cuda130", "ffcv")},
+        "torch_cuda": torch.version.cuda,
+        "git_commit": git_commit(),
+    }
+    if hasattr(os, "getloadavg"):
+        # Other processes on a shared machine skew timings: say how busy it was.
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update({
+            "gpu": props.name,
+            "gpu_count": torch.cuda.device_count(),
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "gpu_capability": f"{props.major}.{props.minor}",
+            "cudnn": torch.backends.cudnn.version(),
+        })
+    return info
+
+
+def command_line() -> str:
+    """The exact command that produced a result, runnable from the repository root."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO_ROOT)
+    return shlex.join(["python", script, *sys.argv[1:]])
+
+
+def timestamp() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(path: Path | str, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)  # never leave a half-written result behind
+    return path
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _live_heap_reader():
+    """glibc's count of bytes currently allocated (heap + mmapped chunks), or None."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+
+    def read() -> int:
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+    return read
+
+
+class MemorySampler:
+    """Peak host memory of this process while active, sampled every few ms: the CPU
+    stand-in for torch.cuda.max_memory_allocated.
+
+    With glibc it reads the bytes currently allocated (mallinfo2: tensors, Python objects,
+    libraries), which fall when tensors are freed; process RSS does not (the allocator
+    keeps freed pages), so RSS is only the fallback. Compare rows, not absolute values.
+    """
+
+    def __init__(self, interval_s: float = 0.002):
+        self.interval_s = interval_s
+        self.peak = 0
+        self._read = _live_heap_reader()
+        self.kind = ("peak allocated host bytes (glibc mallinfo2, sampled every "
+                     f"{interval_s * 1e3:g} ms; includes Python and libraries)"
+                     if self._read else "peak process RSS (sampled)")
+        if self._read is None:
+            self._read = self._rss
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page
+        except OSError:
+            return 0
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._read())
+            time.sleep(self.interval_s)
+
+    def __enter__(self):
+        self.peak = self._read()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, self._read())
+        return False

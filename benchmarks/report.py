@@ -1,0 +1,265 @@
+"""Cost versus number of teachers, from benchmarks/throughput.py results: Markdown + PNG.
+
+    python benchmarks/report.py                                   # every throughput_*.json
+    python benchmarks/report.py benchmarks/results/throughput_gpu_cuda.json
+
+Writes benchmarks/results/cost_vs_teachers_<preset>_<device>.md and .png next to the
+JSON: images/s and peak memory against the number of teachers, per student size, for the
+fast path and the reference step; the teacher-variant evidence; the placement comparison
+with when a dedicated teacher rank pays off; and, for GPU results, the issue's targets.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# Targets of the issue for one H100/H200, bf16, ViT-S student + 3 teachers, synthetic data.
+TARGET_MFU, TARGET_SPEEDUP = 0.55, 1.5
+
+
+def _fmt(x, digits=1, pct=False):
+    if x is None:
+        return "n/a"
+    return f"{100 * x:.{digits}f}%" if pct else f"{x:,.{digits}f}"
+
+
+def _main_rows(result: dict) -> list[dict]:
+    data = result["config"]["data"][0] if result["config"]["data"] else "synthetic"
+    return [r for r in result["rows"] if r["data"] == data and r["placement"] == "colocated"]
+
+
+def cost_table(result: dict) -> list[str]:
+    rows = _main_rows(result)
+    lines = ["| student | teachers | fast img/s | reference img/s | speed-up | fast step ms "
+             "| teacher share | cost / image vs 0 teachers | fast mem GiB | ref mem GiB | MFU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    students = list(dict.fromkeys(r["student_short"] for r in rows))
+    for s in students:
+        fast = {r["teachers"]: r for r in rows if r["student_short"] == s and r["path"] == "fast"}
+        ref = {r["teachers"]: r for r in rows if r["student_short"] == s
+               and r["path"] == "reference"}
+        base = fast.get(0)
+        for m in sorted(fast):
+            f, r = fast[m], ref.get(m)
+            b = f["breakdown_ms"]
+            share = b.get("teacher", 0) / f["step_ms"] if f["step_ms"] else None
+            cost = base["images_per_s"] / f["images_per_s"] if base else None
+            lines.append(
+                f"| {s} | {m} | {_fmt(f['images_per_s'])} | "
+                f"{_fmt(r['images_per_s']) if r else 'n/a'} | "
+                f"{_fmt(f.get('speedup_vs_reference'), 2)}x | {_fmt(f['step_ms'])} | "
+                f"{_fmt(share, 0, pct=True)} | {_fmt(cost, 2)}x | "
+                f"{_fmt(f['peak_memory_gib'], 2)} | "
+                f"{_fmt(r['peak_memory_gib'], 2) if r else 'n/a'} | "
+                f"{_fmt(f.get('mfu'), 1, pct=True)} |")
+    return lines
+
+
+def breakdown_table(result: dict) -> list[str]:
+    lines = ["| student | teachers | data | path | batch | data ms | teacher ms | student fwd+bwd ms "
+             "| optimizer ms | other ms | step ms | img/s |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        b = r["breakdown_ms"]
+        lines.append(f"| {r['student_short']} | {r['teachers']} | {r['data']} | {r['path']} | "
+                     f"{r['micro_batch']} | {b.get('data', 0):.1f} | {b.get('teacher', 0):.1f} | "
+                     f"{b.get('student', 0):.1f} | {b.get('optimizer', 0):.1f} | "
+                     f"{b.get('other', 0):.1f} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} |")
+    return lines
+
+
+def variants_table(result: dict) -> list[str]:
+    variants = result.get("teacher_variants") or []
+    if not variants:
+        return ["(not measured in this run)"]
+    lines = ["| teachers | variant | batch | ms / batch | img/s | vs reference | first call s |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for m in sorted({v["teachers"] for v in variants}):
+        group = [v for v in variants if v["teachers"] == m]
+        ref = next((v for v in group if v["mode"] == "reference"), None)
+        for v in group:
+            if "error" in v:
+                lines.append(f"| {m} | {v['variant']} | | failed: {v['error'][:80]} | | | |")
+                continue
+            ratio = ref["ms"] / v["ms"] if ref else None
+            lines.append(f"| {m} | {v['variant']} | {v['micro_batch']} | {v['ms']:.1f} | "
+                         f"{v['images_per_s']:.1f} | {_fmt(ratio, 2)}x | "
+                         f"{v['first_call_s']:.1f} |")
+    choice = result.get("teacher_choice") or {}
+    lines.append("")
+    lines.append(f"Chosen for the matrix: mode `{choice.get('mode')}`, compile "
+                 f"`{choice.get('compile')}` ({choice.get('why')}).")
+    return lines
+
+
+def placement_section(result: dict) -> list[str]:
+    rows = result.get("placement_rows") or []
+    lines = []
+    if rows:
+        lines += ["| placement | ranks | student | teachers | batch / rank | img/s (all ranks) "
+                  "| img/s per rank | targets ms on a student rank (colocated: teacher pass; "
+                  "dedicated: wait) | peak mem / student rank GiB |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['placement']} | {r['teacher_ranks']}T + {r['student_ranks']}S | "
+                         f"{r['student_short']} | {r['teachers']} | {r['micro_batch']} | "
+                         f"{r['images_per_s']:.1f} | {r['images_per_s_per_rank']:.1f} | "
+                         f"{r['breakdown_ms'].get('teacher', 0):.1f} | "
+                         f"{r['peak_memory_gib']:.2f} |")
+    else:
+        lines.append("(not measured in this run)")
+    # The arithmetic of the trade-off, from the colocated breakdown of the same cell.
+    cell = result["config"].get("dedicated_cell", "")
+    fast = [r for r in _main_rows(result) if r["path"] == "fast" and r["teachers"] > 0]
+    if fast:
+        student, m = cell.split(":") if ":" in cell else ("", "0")
+        pick = next((r for r in fast if r["student_short"].endswith(f"-{student}")
+                     and r["teachers"] == int(m)), fast[-1])
+        b = pick["breakdown_ms"]
+        t_teacher = b.get("teacher", 0)
+        t_student = b.get("student", 0) + b.get("optimizer", 0)
+        lines += ["", f"From the colocated breakdown of {pick['student_short']} + "
+                      f"{pick['teachers']} teachers (batch {pick['micro_batch']}): teacher pass "
+                      f"{t_teacher:.1f} ms, student step {t_student:.1f} ms per batch. A "
+                      f"dedicated layout keeps every rank busy at teacher:student ranks = "
+                      f"{t_teacher / max(t_student, 1e-9):.2f} : 1; at that ratio its "
+                      "throughput per rank equals colocated's, minus transfer and plus "
+                      "pipelining. It pays off when colocated ranks lose something the split "
+                      "avoids: memory (teachers' weights and activations limit the student's "
+                      "micro-batch), cheaper or inference-only accelerators for teachers, or "
+                      "a teacher batch that runs more efficiently when several students' "
+                      "batches are fused."]
+        if rows:
+            mb = rows[-1].get("targets_mb_per_image")
+            per_s = max(r["images_per_s_per_rank"] for r in rows)
+            lines.append(f"Transfer: {mb:.3f} MB of bf16 targets per image; a student rank "
+                         f"at {per_s:.0f} img/s needs {mb * per_s:.1f} MB/s from its teacher "
+                         "rank.")
+    return lines
+
+
+def targets_section(result: dict) -> list[str]:
+    machine = result["machine"]
+    if machine.get("device_type") != "cuda":
+        return ["CPU result: the GPU targets (>= 55% MFU with 3 teachers, >= 1.5x the reference "
+                "step, ViT-S student, bf16, synthetic data) are to be measured on an H100/H200 "
+                "with `--preset gpu`."]
+    rows = [r for r in _main_rows(result) if r["student_short"] == "ViT-S"
+            and r["teachers"] == 3 and r["path"] == "fast"]
+    if not rows:
+        return ["ViT-S + 3 teachers not in this run."]
+    r = rows[0]
+    mfu_ok = r["mfu"] is not None and r["mfu"] >= TARGET_MFU
+    sp_ok = (r.get("speedup_vs_reference") or 0) >= TARGET_SPEEDUP
+    return [f"- MFU {_fmt(r['mfu'], 1, pct=True)} (target >= {TARGET_MFU:.0%}): "
+            f"{'met' if mfu_ok else 'NOT met'}",
+            f"- speed-up {_fmt(r.get('speedup_vs_reference'), 2)}x (target >= "
+            f"{TARGET_SPEEDUP}x): {'met' if sp_ok else 'NOT met'}",
+            f"- micro-batch {r['micro_batch']}, step breakdown {r['breakdown_ms']} ms"]
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = _main_rows(result)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    students = list(dict.fromkeys(r["student_short"] for r in rows))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, s in enumerate(students):
+        for path_name, style in (("fast", "-o"), ("reference", "--s")):
+            pts = sorted((r["teachers"], r["images_per_s"], r["peak_memory_gib"]) for r in rows
+                         if r["student_short"] == s and r["path"] == path_name)
+            if not pts:
+                continue
+            xs, ips, mem = zip(*pts)
+            label = f"{s} {path_name}"
+            ax1.plot(xs, ips, style, color=colors[i % len(colors)], label=label)
+            ax2.plot(xs, mem, style, color=colors[i % len(colors)], label=label)
+    teacher = rows[0]["teacher_arch"] if rows else ""
+    kind = rows[0]["memory_kind"] if rows else ""
+    memory_unit = "GiB, CUDA allocated" if "cuda" in kind else "GiB, host allocated"
+    for ax, title, unit in ((ax1, "throughput", "images / s"),
+                            (ax2, "peak memory", memory_unit)):
+        ax.set_xlabel(f"number of teachers ({teacher})")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.set_xticks(sorted({r["teachers"] for r in rows}))
+        ax.grid(alpha=0.3)
+    ax1.set_yscale("log")
+    ax1.legend(fontsize=8)
+    m = result["machine"]
+    fig.suptitle(f"DMT cost vs teachers - {m.get('gpu') or m.get('cpu')} - "
+                 f"{result['config']['img_size']} px, {result['config']['precision']}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(json_path: Path) -> tuple[Path, Path]:
+    result = json.loads(Path(json_path).read_text())
+    device = result["machine"]["device_type"]
+    stem = f"cost_vs_teachers_{result['preset']}_{device}"
+    out_dir = Path(json_path).parent
+    png, md = out_dir / f"{stem}.png", out_dir / f"{stem}.md"
+    plot(result, png)
+    m, cfg = result["machine"], result["config"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    lines = [
+        f"# DMT cost versus number of teachers ({result['preset']} preset, {device})", "",
+        f"- machine: {m.get('gpu') or m['cpu']}"
+        + (f" ({m.get('gpu_memory_gib')} GiB)" if m.get("gpu") else
+           f", {m['cpu_cores']} cores, {m.get('memory_gib')} GiB, torch threads "
+           f"{cfg.get('threads') or m['torch_threads']}, load average at start "
+           f"{m.get('load_average_at_start')}"),
+        f"- software: {versions}",
+        f"- command: `{result['command']}` ({result['timestamp']}, {result['wall_s']} s)",
+        f"- shapes: {cfg['img_size']} px, teachers {cfg['teacher_arch']}, precision "
+        f"{cfg['precision']} (reference: {cfg['reference_precision']}"
+        f"{' autocast' if cfg['reference_precision'] != 'fp32' else ''}), ZeRO stage "
+        f"{cfg['zero_stage']}, micro-batch {cfg['micro_batch']}, {cfg['steps']} measured steps "
+        f"after {cfg['warmup']}",
+        f"- peak for MFU: {result['peak_flops']['source']} = "
+        f"{(result['peak_flops']['flops'] or 0) / 1e12:.3f} TFLOP/s",
+    ]
+    if result.get("matmul_rates"):
+        lines.append("- matmul rates (GFLOP/s, 512x512): " + ", ".join(
+            f"{k} {v['gflops']}" for k, v in result["matmul_rates"].items()))
+    lines += ["", f"![cost vs teachers]({png.name})", "",
+              "## Cost versus number of teachers", ""] + cost_table(result)
+    kind = next((r["memory_kind"] for r in result["rows"]), "")
+    lines += ["", "Teacher share = teacher-pass time / step time (fast path). Cost / image = "
+                  "time per image relative to the student alone. Memory: " + kind + ".", "",
+              "## Teacher execution variants (teacher pass + fusion only)", ""]
+    lines += variants_table(result)
+    lines += ["", "## Placements on the same hardware", ""] + placement_section(result)
+    lines += ["", "## Targets", ""] + targets_section(result)
+    lines += ["", "## Step-time breakdown (every row)", ""] + breakdown_table(result)
+    if result.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
+    md.write_text("\n".join(lines) + "\n")
+    return md, png
+
+
+def main(argv=None) -> list[Path]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="*", help="throughput JSON files (default: all in "
+                                              "benchmarks/results/)")
+    a = p.parse_args(argv)
+    paths = [Path(x) for x in a.results] or sorted(RESULTS.glob("throughput_*.json"))
+    if not paths:
+        sys.exit("no throughput results: run benchmarks/throughput.py first")
+    written = []
+    for path in paths:
+        md, png = write_report(path)
+        print(f"wrote {md} and {png}")
+        written += [md, png]
+    return written
+
+
+if __name__ == "__main__":
+    main()

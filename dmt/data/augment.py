@@ -1,0 +1,142 @@
+"""The method's two views, shared by every backend.
+
+Teacher and student views come from the same RandomResizedCrop and horizontal flip
+(token n of the student and of every teacher covers the same patch); only the
+student gets colour jitter. Backends produce the crop (decode + crop + resize, the
+expensive part, wherever they do it best); `make_views` does flip, jitter and
+normalisation in batched tensor ops on whatever device the crops are on.
+
+Every random parameter is a function of (seed, epoch, sample index) alone
+(dmt.data.rng), so a sample looks the same whatever the worker count or resume point.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dmt.data.rng import uniform
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Independent random streams per parameter (the 4th hash coordinate).
+_CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop
+_AREA, _LOG_RATIO, _TOP, _LEFT = 0, 16, 32, 48
+_FLIP, _BRIGHTNESS, _CONTRAST, _SATURATION = 64, 65, 66, 67
+
+# ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
+_LUMA = (0.2989, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Everything that defines the two views of a sample, given (epoch, index)."""
+    image_size: int = 224
+    crop_scale: tuple = (0.2, 1.0)
+    crop_ratio: tuple = (3 / 4, 4 / 3)
+    color_jitter: tuple = (0.4, 0.4, 0.4)  # brightness, contrast, saturation
+    flip_prob: float = 0.5
+    seed: int = 0
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+
+def crop_boxes(spec: ViewSpec, epoch: int, indices, heights, widths) -> np.ndarray:
+    """RandomResizedCrop boxes, int64 [B, 4] = (top, left, height, width) in pixels.
+
+    Same algorithm as torchvision: up to 10 tries of (area, log-aspect) drawn
+    uniformly, the first that fits wins; otherwise a centre crop with the aspect
+    ratio clamped into range.
+    """
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1, 1)
+    H = np.asarray(heights, dtype=np.float64).reshape(-1, 1)
+    W = np.asarray(widths, dtype=np.float64).reshape(-1, 1)
+    tries = np.arange(_CROP_ATTEMPTS)
+    seed, lo_ratio, hi_ratio = spec.seed, math.log(spec.crop_ratio[0]), math.log(spec.crop_ratio[1])
+
+    area = H * W * uniform(seed, epoch, idx, _AREA + tries, low=spec.crop_scale[0], high=spec.crop_scale[1])
+    aspect = np.exp(uniform(seed, epoch, idx, _LOG_RATIO + tries, low=lo_ratio, high=hi_ratio))
+    w = np.round(np.sqrt(area * aspect))
+    h = np.round(np.sqrt(area / aspect))
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = np.argmax(fits, axis=1)[:, None]
+    found = np.take_along_axis(fits, first, 1)[:, 0]
+    w, h = np.take_along_axis(w, first, 1)[:, 0], np.take_along_axis(h, first, 1)[:, 0]
+    u_top = np.take_along_axis(uniform(seed, epoch, idx, _TOP + tries), first, 1)[:, 0]
+    u_left = np.take_along_axis(uniform(seed, epoch, idx, _LEFT + tries), first, 1)[:, 0]
+    H, W = H[:, 0], W[:, 0]
+    top = np.floor(u_top * (H - h + 1))
+    left = np.floor(u_left * (W - w + 1))
+
+    # Fallback: whole image, aspect clamped into crop_ratio, centred.
+    in_ratio = W / H
+    fb_w = np.where(in_ratio < spec.crop_ratio[0], W,
+                    np.where(in_ratio > spec.crop_ratio[1], np.round(H * spec.crop_ratio[1]), W))
+    fb_h = np.where(in_ratio < spec.crop_ratio[0], np.round(W / spec.crop_ratio[0]), H)
+    fb_h = np.where(in_ratio > spec.crop_ratio[1], H, fb_h)
+    top = np.where(found, top, (H - fb_h) // 2)
+    left = np.where(found, left, (W - fb_w) // 2)
+    h, w = np.where(found, h, fb_h), np.where(found, w, fb_w)
+    return np.stack([top, left, h, w], axis=1).astype(np.int64)
+
+
+def flips(spec: ViewSpec, epoch: int, indices) -> np.ndarray:
+    """bool [B]: mirror this sample (both views)."""
+    return uniform(spec.seed, epoch, np.asarray(indices, dtype=np.int64), _FLIP) < spec.flip_prob
+
+
+def jitter_factors(spec: ViewSpec, epoch: int, indices) -> np.ndarray:
+    """float32 [B, 3]: brightness, contrast, saturation factors, each uniform in
+    [max(0, 1 - s), 1 + s] as torchvision's ColorJitter; exactly 1 where s == 0."""
+    idx = np.asarray(indices, dtype=np.int64)
+    columns = []
+    for stream, strength in zip((_BRIGHTNESS, _CONTRAST, _SATURATION), spec.color_jitter):
+        columns.append(uniform(spec.seed, epoch, idx, stream,
+                               low=max(0.0, 1.0 - strength), high=1.0 + strength)
+                       if strength > 0 else np.ones(len(idx)))
+    return np.stack(columns, axis=1).astype(np.float32)
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, 1, H, W] grey level (also works on [B, 3] channel means)."""
+    weights = torch.tensor(_LUMA, dtype=x.dtype, device=x.device)
+    return torch.einsum("bc...,c->b...", x, weights).unsqueeze(1)
+
+
+def color_jitter_(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Brightness, then contrast, then saturation, with torchvision's formulas, in place.
+
+    x: float [B, 3, H, W] in [0, 1]; factors: [B, 3]. Fixed order (torchvision
+    shuffles it per call); per-image factors come from `jitter_factors`.
+    """
+    f = factors.to(x.device, x.dtype)[:, :, None, None, None]
+    brightness, contrast, saturation = f[:, 0], f[:, 1], f[:, 2]
+    x.mul_(brightness).clamp_(0, 1)
+    # The mean grey level is the grey level of the channel means (it is linear).
+    mean_luma = _luma(x.mean(dim=(-2, -1)))[:, :, None, None]
+    x.mul_(contrast).add_((1 - contrast) * mean_luma).clamp_(0, 1)
+    grey = _luma(x)  # before the in-place blend below
+    return x.mul_(saturation).add_((1 - saturation) * grey).clamp_(0, 1)
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    scale = 1 / torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    shift = -torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) * scale
+    return torch.addcmul(shift, x, scale)  # (x - mean) / std in one pass
+
+
+def make_views(crops: torch.Tensor, spec: ViewSpec, epoch: int, indices) -> tuple:
+    """(teacher, student) float32 [B, 3, S, S], normalised, on crops' device.
+
+    crops: uint8 (0..255) or float (0..1) [B, 3, S, S], already cropped and resized,
+    not yet flipped.
+    """
+    mirror = torch.from_numpy(np.flatnonzero(flips(spec, epoch, indices))).to(crops.device)
+    crops = crops.index_copy(0, mirror, crops.index_select(0, mirror).flip(-1))
+    x = crops.float().div_(255) if crops.dtype == torch.uint8 else crops.float()
+    teacher = normalize(x, spec.mean, spec.std)
+    if not any(spec.color_jitter):
+        return teacher, teacher.clone()
+    factors = torch.from_numpy(jitter_factors(spec, epoch, indices))
+    return teacher, normalize(color_jitter_(x, factors), spec.mean, spec.std)

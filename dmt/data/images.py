@@ -1,0 +1,64 @@
+"""Decoding with PIL: anything decodable becomes RGB; anything else is 'undecodable'.
+
+Used by the torch backend at run time, and up front by the DALI backend and the
+.beton writer (which cannot skip a file once their pipelines run).
+"""
+from concurrent.futures import ThreadPoolExecutor
+
+from PIL import Image
+
+# What a bad file can raise inside PIL: UnidentifiedImageError and truncation are
+# OSErrors; broken headers give SyntaxError/ValueError; odd encoders others.
+UNDECODABLE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,
+                      KeyError, Image.DecompressionBombError)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Greyscale, CMYK, palette and alpha images -> RGB (alpha is dropped, not blended)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("P", "PA") and "transparency" in image.info:
+        image = image.convert("RGBA")  # avoids PIL's palette-transparency warning
+    return image.convert("RGB")
+
+
+def open_rgb(path) -> Image.Image:
+    """Fully decoded RGB image; raises one of UNDECODABLE_ERRORS for a bad file."""
+    with Image.open(path) as image:
+        image.load()
+        return to_rgb(image)
+
+
+def probe_image(path) -> tuple:
+    """(height, width) of a decodable image, else raises one of UNDECODABLE_ERRORS.
+
+    Why a decode and not just the header: a truncated JPEG has a valid header. JPEGs
+    are decoded at 1/8 scale (DCT scaling), which still reads every entropy-coded
+    byte but skips most of the arithmetic, so the check costs a fraction of a decode.
+    """
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.format == "JPEG":
+            image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+        image.load()
+    if width < 1 or height < 1:
+        raise ValueError("image has no pixels")
+    return height, width
+
+
+def probe_files(paths, num_threads: int = 8):
+    """Probe many files in parallel (PIL releases the GIL while decoding).
+
+    Returns (sizes, bad): sizes[i] = (height, width) or None; bad = [(path, reason)].
+    """
+    def probe(path):
+        try:
+            return probe_image(path), None
+        except UNDECODABLE_ERRORS as error:
+            return None, f"{type(error).__name__}: {error}"
+
+    with ThreadPoolExecutor(max(1, num_threads)) as pool:
+        results = list(pool.map(probe, paths))
+    sizes = [size for size, _ in results]
+    bad = [(str(p), why) for p, (_, why) in zip(paths, results) if why is not None]
+    return sizes, bad

@@ -1,0 +1,124 @@
+"""The fallback that needs nothing beyond PyTorch and PIL: a DataLoader over a folder.
+
+Workers decode with PIL and cut the crop with one bicubic resize (PIL filters
+with the right support when shrinking, as torchvision does on PIL images). Flip,
+jitter and normalisation run in the workers for a CPU device, and batched on the
+GPU for a CUDA device (the workers then ship 4x smaller uint8 crops).
+
+An undecodable file is a counted skip: its slot in the batch is filled with the
+next decodable sample of the same batch (so the batch size stays constant and the
+choice is deterministic), and the loader warns once naming the file.
+"""
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from dmt.data.augment import ViewSpec, crop_boxes, make_views
+from dmt.data.folder import scan_image_folder
+from dmt.data.images import UNDECODABLE_ERRORS, open_rgb
+from dmt.data.loader import DualViewLoader
+from dmt.data.sampling import ShardedEpochs
+from dmt.errors import DataError
+
+
+class _Undecodable:
+    def __init__(self, path, reason):
+        self.path, self.reason = path, reason
+
+
+class _CropDataset(Dataset):
+    """Item (epoch, index) -> (uint8 crop [3, S, S], epoch, index, label), or _Undecodable."""
+
+    def __init__(self, files, labels, spec: ViewSpec):
+        self.files, self.labels, self.spec = [str(f) for f in files], labels, spec
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        path = self.files[index]
+        try:
+            image = open_rgb(path)
+        except UNDECODABLE_ERRORS as error:
+            return _Undecodable(path, f"{type(error).__name__}: {error}")
+        top, left, h, w = crop_boxes(self.spec, epoch, [index], [image.height], [image.width])[0]
+        size = self.spec.image_size
+        crop = image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+        pixels = torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).contiguous()
+        return pixels, epoch, index, self.labels[index]
+
+
+class _Collate:
+    """Stacks a batch, fills the slots of undecodable files, and (CPU) makes the views."""
+
+    def __init__(self, spec: ViewSpec, make_views_here: bool):
+        self.spec, self.make_views_here = spec, make_views_here
+
+    def __call__(self, samples):
+        good = [i for i, s in enumerate(samples) if not isinstance(s, _Undecodable)]
+        bad = [s for s in samples if isinstance(s, _Undecodable)]
+        if not good:
+            raise DataError("every image of a batch is undecodable: "
+                            + ", ".join(s.path for s in bad[:8]))
+        n = len(samples)
+        # Deterministic stand-in: the next decodable sample of this batch (cyclic).
+        filled = [samples[min(good, key=lambda j: (j - i) % n)] for i in range(n)]
+        crops = torch.stack([s[0] for s in filled])
+        epoch = filled[0][1]
+        index = torch.tensor([s[2] for s in filled], dtype=torch.int64)
+        batch = {"index": index, "label": torch.tensor([s[3] for s in filled], dtype=torch.int64),
+                 "epoch": epoch, "skipped": [(s.path, s.reason) for s in bad]}
+        if self.make_views_here:
+            batch["teacher"], batch["student"] = make_views(crops, self.spec, epoch, index.numpy())
+        else:
+            batch["crops"] = crops
+        return batch
+
+
+class _PlanSampler:
+    """Batch sampler replaying the rows the loader sets before each epoch."""
+
+    def __init__(self):
+        self.keys = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self):
+        return len(self.keys)
+
+
+class TorchFolderLoader(DualViewLoader):
+    def __init__(self, path, batch_size, *, spec: ViewSpec, seed=0, rank=0, world_size=1,
+                 device="cpu", drop_last=True, num_workers=None):
+        folder = scan_image_folder(path)
+        super().__init__(ShardedEpochs(len(folder), batch_size, seed, rank, world_size, drop_last),
+                         spec, device)
+        if num_workers is None:
+            num_workers = min(8, os.cpu_count() or 1)
+        self.folder = folder
+        on_cpu = self.device.type == "cpu"
+        self._sampler = _PlanSampler()
+        self._collate = _Collate(spec, make_views_here=on_cpu)
+        self._dataloader = DataLoader(
+            _CropDataset(folder.files, folder.labels, spec),
+            batch_sampler=self._sampler, num_workers=num_workers, collate_fn=self._collate,
+            pin_memory=not on_cpu, persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None)
+
+    def _epoch_batches(self, epoch, batches):
+        self._sampler.keys = [[(epoch, int(i)) for i in row] for row in batches]
+        for batch in self._dataloader:
+            for path, reason in batch["skipped"]:
+                self._note_skipped(path, reason)
+            if "crops" in batch:  # CUDA: flip, jitter, normalise on the GPU
+                crops = batch["crops"].to(self.device, non_blocking=True)
+                teacher, student = make_views(crops, self.spec, epoch, batch["index"].numpy())
+            else:
+                teacher, student = batch["teacher"], batch["student"]
+            yield {"teacher": teacher, "student": student,
+                   "index": batch["index"], "label": batch["label"]}

@@ -1,0 +1,50 @@
+"""Convert an image folder (class subfolders or flat) into an FFCV .beton.
+
+    python launch/make_beton.py /data/imagenet/train /data/imagenet_train.beton --max-side 512
+
+Undecodable files (corrupt, truncated, empty, not images) are left out and listed;
+greyscale, CMYK and RGBA images are stored as RGB. Prints a summary; exits 1 when
+the folder is missing, empty or holds nothing decodable.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dmt  # noqa: E402  (patches torchvision on CPU torch before anything imports it)
+from dmt.data.beton import write_beton  # noqa: E402
+from dmt.errors import DataError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src", help="image folder (class subfolders or flat)")
+    parser.add_argument("out", help="output .beton path")
+    parser.add_argument("--max-side", type=int, default=None,
+                        help="shrink images whose longer side exceeds this (default: keep)")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of stored images")
+    parser.add_argument("--write-mode", choices=("jpg", "raw", "smart"), default="jpg",
+                        help="FFCV storage: re-encoded JPEG (default), raw pixels, or smart")
+    parser.add_argument("--workers", type=int, default=None, help="writer processes (default: all cores)")
+    args = parser.parse_args(argv)
+
+    start = time.time()
+    try:
+        report = write_beton(args.src, args.out, max_side=args.max_side, quality=args.quality,
+                             write_mode=args.write_mode, num_workers=args.workers)
+    except DataError as error:
+        print(f"make_beton: error: {error}", file=sys.stderr)
+        return 1
+    size_mb = report.path.stat().st_size / 2**20
+    print(f"wrote {report.written} images ({len(report.classes)} classes) to {report.path} "
+          f"({size_mb:.1f} MiB) in {time.time() - start:.1f}s")
+    print(f"skipped {len(report.skipped)} unreadable file(s)")
+    for path, reason in report.skipped:
+        print(f"  skipped {path}: {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

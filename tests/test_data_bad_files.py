@@ -1,0 +1,179 @@
+"""Bad data: corrupt, truncated, zero-byte and non-image files are skipped and named;
+greyscale, CMYK and RGBA images decode to RGB; empty or missing paths are one error."""
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dmt.data import build_loader, write_sample_images
+from dmt.errors import ConfigError, DataError
+
+# FFCV compiles its helpers with numba once per loader; numba's finaliser for those
+# dispatchers raises a harmless KeyError at garbage collection (upstream noise).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
+
+BAD = ("truncated.jpg", "garbled.jpg", "random.jpg", "empty.jpg", "text.png")
+ODD_MODES = ("cmyk.jpg", "grey.jpg", "rgba.png")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A square RGB photo and a few good JPEGs."""
+    folder = write_sample_images(tmp_path_factory.mktemp("src"), num_images=9, size=64, num_classes=1)
+    files = sorted(folder.rglob("*.jpg"))
+    square = Image.open(files[0]).convert("RGB").resize((48, 48), Image.BICUBIC)
+    return square, files
+
+
+def write_odd_modes(folder, square):
+    square.convert("CMYK").save(folder / "cmyk.jpg", quality=95)
+    square.convert("L").save(folder / "grey.jpg", quality=95)
+    rgba = square.convert("RGBA")
+    rgba.putalpha(Image.new("L", square.size, 40))  # mostly transparent: alpha must be dropped
+    rgba.save(folder / "rgba.png")
+
+
+@pytest.fixture(scope="module")
+def messy(source, tmp_path_factory):
+    """8 good JPEGs, 3 odd colour modes, 5 undecodable files and a text file."""
+    square, files = source
+    folder = tmp_path_factory.mktemp("messy")
+    for i, f in enumerate(files[1:]):
+        shutil.copy(f, folder / f"good{i}.jpg")
+    data = files[0].read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    rng = np.random.default_rng(0)
+    (folder / "garbled.jpg").write_bytes(data[:400] + rng.bytes(len(data) - 400))  # valid header
+    (folder / "random.jpg").write_bytes(rng.bytes(3000))
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.png").write_text("not an image at all")
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    write_odd_modes(folder, square)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def messy_beton(messy, tmp_path_factory):
+    pytest.importorskip("ffcv")
+    from dmt.data.beton import write_beton
+    return write_beton(messy, tmp_path_factory.mktemp("beton") / "messy.beton", quality=95,
+                       num_workers=1)
+
+
+def bad_paths(folder):
+    return {str(folder / name) for name in BAD}
+
+
+def test_torch_skips_counts_and_names_undecodable_files(messy, caplog):
+    loader = build_loader("torch", messy, 4, image_size=32, num_workers=0, drop_last=False)
+    assert loader.num_samples == 16  # decoded lazily: bad files are found at run time
+    files = [str(f) for f in loader.folder.files]
+    bad_index = {files.index(p) for p in bad_paths(messy)}
+    with caplog.at_level(logging.WARNING, logger="dmt.data"):
+        for _ in range(2):
+            for batch in loader:
+                assert batch["teacher"].shape == (4, 3, 32, 32)  # batch size kept
+                assert not bad_index & set(batch["index"].tolist())  # slots filled by good ones
+    assert loader.skipped == len(BAD)
+    assert set(loader.skipped_files) == bad_paths(messy)
+    for path in bad_paths(messy):  # warned once per file, over two epochs
+        assert sum(path in r.getMessage() and "skipping" in r.getMessage() for r in caplog.records) == 1
+    assert any("end of epoch 1" in r.getMessage() for r in caplog.records)
+
+
+def test_dali_leaves_undecodable_files_out_up_front(messy):
+    pytest.importorskip("nvidia.dali")
+    loader = build_loader("dali", messy, 4, image_size=32, num_workers=1, drop_last=False)
+    assert loader.num_samples == 11 and loader.skipped == len(BAD)
+    assert set(loader.skipped_files) == bad_paths(messy)
+    assert not bad_paths(messy) & set(loader.files)
+    seen = torch.cat([b["index"] for b in loader]).tolist()
+    assert set(seen) == set(range(11))
+
+
+@pytest.mark.timeout(240, method="thread")
+def test_beton_writer_reports_undecodable_files(messy, messy_beton):
+    assert messy_beton.written == 11
+    assert {p for p, _ in messy_beton.skipped} == bad_paths(messy)
+    assert all(reason for _, reason in messy_beton.skipped)
+    loader = build_loader("ffcv", messy_beton.path, 4, image_size=32, num_workers=1,
+                          drop_last=False)
+    assert loader.num_samples == 11 and len(list(loader)) == 3
+
+
+@pytest.mark.timeout(240, method="thread")
+@pytest.mark.parametrize("backend", ["torch", "dali", "ffcv"])
+def test_grey_cmyk_and_rgba_images_decode_to_rgb(backend, source, messy, request):
+    square, _ = source
+    path = messy
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    if backend == "ffcv":
+        path = request.getfixturevalue("messy_beton").path
+    # Whole-image crops, no jitter, no normalisation: views are the images' pixels.
+    loader = build_loader(backend, path, 4, image_size=48, crop_scale=(1.0, 1.0),
+                          color_jitter=(0, 0, 0), num_workers=1 if backend != "torch" else 0,
+                          drop_last=False, mean=(0, 0, 0), std=(1, 1, 1))
+    # Index -> file: the folder's files in scan order, less (dali, ffcv) the rejected ones.
+    files = [str(f) for f in loader.folder.files] if backend == "torch" else \
+        [str(f) for f in sorted(messy.iterdir()) if str(f) not in bad_paths(messy) and f.suffix != ".txt"]
+    views = {}
+    for batch in loader:
+        for i, view in zip(batch["index"].tolist(), batch["teacher"]):
+            views[os.path.basename(files[i])] = view
+    assert set(ODD_MODES) <= set(views)
+    rgb = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255).permute(2, 0, 1)
+    luma = (rgb * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0)
+    # Per-channel means do not depend on the flip.
+    assert torch.allclose(views["cmyk.jpg"].mean((1, 2)), rgb.mean((1, 2)), atol=0.03)
+    assert torch.allclose(views["rgba.png"].mean((1, 2)), rgb.mean((1, 2)), atol=0.02)
+    grey = views["grey.jpg"]
+    assert torch.allclose(grey[0], grey[1], atol=2 / 255) and torch.allclose(grey[1], grey[2], atol=2 / 255)
+    assert abs(grey.mean() - luma.mean()) < 0.02
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_missing_or_empty_folder_is_one_clear_error(backend, tmp_path):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    with pytest.raises(DataError, match="does not exist") as err:
+        build_loader(backend, tmp_path / "absent", 4)
+    assert str(tmp_path / "absent") in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no image files") as err:
+        build_loader(backend, tmp_path / "empty", 4)
+    assert str(tmp_path / "empty") in str(err.value)
+
+
+def test_dali_folder_with_nothing_decodable_is_an_error(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "b.jpg").write_bytes(os.urandom(100))
+    with pytest.raises(DataError, match="none of its 2 image files"):
+        build_loader("dali", tmp_path, 1)
+
+
+def test_torch_batch_of_only_undecodable_files_is_an_error(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match="a.jpg"):
+        next(iter(build_loader("torch", tmp_path, 1, num_workers=0)))
+
+
+@pytest.mark.timeout(240, method="thread")
+def test_missing_beton_and_bad_arguments_are_clear_errors(tmp_path):
+    pytest.importorskip("ffcv")
+    with pytest.raises(DataError, match="does not exist") as err:
+        build_loader("ffcv", tmp_path / "absent.beton", 4)
+    assert str(tmp_path / "absent.beton") in str(err.value)
+    (tmp_path / "junk.beton").write_bytes(b"\0" * 64)
+    with pytest.raises(DataError, match="junk.beton"):
+        build_loader("ffcv", tmp_path / "junk.beton", 4)
+    with pytest.raises(DataError, match="sample count"):
+        build_loader("synthetic", "not-a-number", 4)
+    with pytest.raises(ConfigError, match="unknown data backend"):
+        build_loader("webdataset", tmp_path, 4)

@@ -1,0 +1,181 @@
+"""Backend-independent pieces of dmt.data: random numbers, epoch plans, folder scan, views."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dmt.data.augment import (IMAGENET_MEAN, IMAGENET_STD, ViewSpec, color_jitter_, crop_boxes,
+                              flips, jitter_factors, make_views, normalize)
+from dmt.data.folder import scan_image_folder
+from dmt.data.rng import hash64, uniform
+from dmt.data.sampling import ShardedEpochs
+from dmt.errors import DataError
+
+
+# --- rng ---------------------------------------------------------------------------
+
+def test_uniform_is_a_pure_function_of_its_coordinates():
+    a = uniform(3, 1, np.arange(1000), 7)
+    assert np.array_equal(a, uniform(3, 1, np.arange(1000), 7))
+    assert np.array_equal(a[500:], uniform(3, 1, np.arange(500, 1000), 7))  # no hidden state
+    assert not np.array_equal(a, uniform(3, 2, np.arange(1000), 7))
+    assert ((a >= 0) & (a < 1)).all()
+    assert abs(a.mean() - 0.5) < 0.03 and abs(a.var() - 1 / 12) < 0.01
+
+
+def test_hash_separates_key_order_and_negative_keys():
+    assert hash64(1, 2) != hash64(2, 1)
+    assert hash64(-1, 0) != hash64(1, 0)
+
+
+# --- sampling ----------------------------------------------------------------------
+
+def test_epoch_order_is_a_seeded_permutation():
+    plan = ShardedEpochs(100, 10, seed=5)
+    order = plan.epoch_order(0)
+    assert sorted(order.tolist()) == list(range(100))
+    assert np.array_equal(order, ShardedEpochs(100, 10, seed=5).epoch_order(0))
+    assert not np.array_equal(order, plan.epoch_order(1))
+    assert not np.array_equal(order, ShardedEpochs(100, 10, seed=6).epoch_order(0))
+
+
+@pytest.mark.parametrize("num_samples", [96, 103])
+def test_ranks_split_an_epoch_without_overlap(num_samples):
+    ranks = [ShardedEpochs(num_samples, 8, seed=1, rank=r, world_size=3, drop_last=True)
+             for r in range(3)]
+    per_rank = [p.rank_batches(4) for p in ranks]
+    assert all(b.shape == (num_samples // 24, 8) for b in per_rank)  # same step count
+    seen = np.concatenate([b.ravel() for b in per_rank])
+    assert len(set(seen.tolist())) == len(seen) == 24 * (num_samples // 24)
+    if num_samples % 24 == 0:
+        assert sorted(seen.tolist()) == list(range(num_samples))
+
+
+def test_padding_wraps_around_when_not_dropping_last():
+    ranks = [ShardedEpochs(21, 4, seed=0, rank=r, world_size=2, drop_last=False) for r in range(2)]
+    batches = [p.rank_batches(0) for p in ranks]
+    assert all(b.shape == (3, 4) for b in batches)  # ceil(21 / 8) full batches per rank
+    seen = np.concatenate([b.ravel() for b in batches]).tolist()
+    assert set(seen) == set(range(21)) and len(seen) == 24
+    order = ranks[0].epoch_order(0)
+    # The 3 extra slots repeat the first samples of the epoch's permutation.
+    assert sorted(seen) == sorted(list(range(21)) + order[:3].tolist())
+
+
+def test_resume_position_slices_the_same_epoch():
+    plan = ShardedEpochs(50, 5, seed=2, rank=1, world_size=2)
+    full = plan.rank_batches(3)
+    assert np.array_equal(plan.rank_batches(3, start_batch=2), full[2:])
+    assert plan.rank_batches(3, start_batch=len(full)).shape == (0, 5)
+    with pytest.raises(DataError):
+        plan.rank_batches(3, start_batch=len(full) + 1)
+
+
+def test_dataset_smaller_than_a_global_batch_is_an_error():
+    with pytest.raises(DataError, match="global batch"):
+        ShardedEpochs(10, 8, world_size=2, drop_last=True)
+    assert ShardedEpochs(10, 8, world_size=2, drop_last=False).num_batches == 1
+
+
+# --- folder ------------------------------------------------------------------------
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+
+
+def test_scan_class_subfolders(tmp_path):
+    for name in ["b/2.jpg", "b/1.PNG", "a/x/deep.jpeg", "a/notes.txt", "c/.hidden.jpg", "empty/"]:
+        (tmp_path / name).mkdir(parents=True) if name.endswith("/") else _touch(tmp_path / name)
+    folder = scan_image_folder(tmp_path)
+    rel = [f.relative_to(tmp_path).as_posix() for f in folder.files]
+    assert rel == ["a/x/deep.jpeg", "b/1.PNG", "b/2.jpg"]
+    assert folder.classes == ["a", "b"] and folder.labels == [0, 1, 1]
+
+
+def test_scan_flat_folder(tmp_path):
+    for name in ["z.jpg", "a.webp", "readme.md"]:
+        _touch(tmp_path / name)
+    folder = scan_image_folder(tmp_path)
+    assert [f.name for f in folder.files] == ["a.webp", "z.jpg"] and folder.labels == [0, 0]
+
+
+def test_missing_or_empty_folder_is_one_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist") as err:
+        scan_image_folder(tmp_path / "nope")
+    assert str(tmp_path / "nope") in str(err.value)
+    (tmp_path / "cls").mkdir()
+    _touch(tmp_path / "cls" / "notes.txt")
+    with pytest.raises(DataError, match="no image files") as err:
+        scan_image_folder(tmp_path)
+    assert str(tmp_path) in str(err.value)
+
+
+# --- augment -----------------------------------------------------------------------
+
+def test_crop_boxes_follow_random_resized_crop():
+    spec = ViewSpec(crop_scale=(0.2, 1.0))
+    n = 2000
+    H, W = np.full(n, 375), np.full(n, 500)
+    boxes = crop_boxes(spec, 0, np.arange(n), H, W)
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= H).all() and (left + w <= W).all()
+    area = h * w / (H * W)
+    aspect = w / h
+    # Rounding to whole pixels moves area and aspect a little beyond the drawn range.
+    assert area.min() >= 0.2 - 0.01 and area.max() <= 1.0
+    assert aspect.min() >= 0.75 - 0.02 and aspect.max() <= 4 / 3 + 0.02
+    # Same distribution as torchvision's own sampler (rejections skew it to small areas).
+    from torchvision.transforms import RandomResizedCrop
+    torch.manual_seed(0)
+    reference = np.array([RandomResizedCrop.get_params(torch.empty(3, 375, 500), [0.2, 1.0], [3 / 4, 4 / 3])
+                          for _ in range(n)])
+    ref_area = reference[:, 2] * reference[:, 3] / (375 * 500)
+    for q in (0.1, 0.5, 0.9):
+        assert abs(np.quantile(area, q) - np.quantile(ref_area, q)) < 0.04
+        assert abs(np.quantile(aspect, q) - np.quantile(reference[:, 3] / reference[:, 2], q)) < 0.04
+    # A sample's box does not depend on the rest of the batch or on the call.
+    assert np.array_equal(crop_boxes(spec, 0, [17], [375], [500])[0], boxes[17])
+    assert not np.array_equal(crop_boxes(spec, 1, np.arange(n), H, W), boxes)
+
+
+def test_crop_falls_back_to_a_centred_crop_for_extreme_aspect():
+    spec = ViewSpec(crop_scale=(0.9, 1.0))
+    top, left, h, w = crop_boxes(spec, 0, [0], [10], [1000])[0]
+    assert (h, w) == (10, round(10 * 4 / 3)) and top == 0 and left == (1000 - w) // 2
+
+
+def test_jitter_factors_ranges():
+    f = jitter_factors(ViewSpec(color_jitter=(0.4, 0.0, 1.5)), 0, np.arange(4000))
+    assert f[:, 0].min() >= 0.6 and f[:, 0].max() <= 1.4 and f[:, 0].std() > 0.2
+    assert (f[:, 1] == 1).all()
+    assert f[:, 2].min() >= 0.0 and f[:, 2].max() <= 2.5
+    assert 0.45 < flips(ViewSpec(), 0, np.arange(4000)).mean() < 0.55
+
+
+def test_color_jitter_matches_torchvision():
+    import torchvision.transforms.v2.functional as TF
+    x = torch.rand(4, 3, 20, 24)
+    factors = torch.tensor([[0.7, 1.3, 0.6], [1.4, 0.6, 1.4], [1.0, 1.0, 1.0], [1.2, 0.8, 0.0]])
+    expected = []
+    for img, (b, c, s) in zip(x, factors.tolist()):
+        img = TF.adjust_brightness(img, b)
+        img = TF.adjust_contrast(img, c)
+        expected.append(TF.adjust_saturation(img, s))
+    got = color_jitter_(x.clone(), factors)
+    assert torch.allclose(got, torch.stack(expected), atol=1e-5)
+
+
+def test_make_views_flip_both_views_and_normalise():
+    crops = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    spec = ViewSpec(image_size=8, color_jitter=(0, 0, 0))
+    teacher, student = make_views(crops, spec, 0, np.arange(64))
+    assert torch.equal(teacher, student) and teacher.dtype == torch.float32
+    mirrored = torch.from_numpy(flips(spec, 0, np.arange(64)))
+    expected = torch.where(mirrored[:, None, None, None], crops.flip(-1), crops).float() / 255
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(teacher, (expected - mean) / std, atol=1e-5)
+    assert torch.allclose(normalize(expected, (0, 0, 0), (1, 1, 1)), expected)
+    assert 0 < mirrored.sum() < 64

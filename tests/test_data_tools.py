@@ -1,0 +1,85 @@
+"""Sample images, launch/make_beton.py and benchmarks/dataloader.py."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dmt.data import write_sample_images
+
+# FFCV compiles its helpers with numba once per loader; numba's finaliser for those
+# dispatchers raises a harmless KeyError at garbage collection (upstream noise).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative):
+    spec = importlib.util.spec_from_file_location(Path(relative).stem, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sample_images_are_deterministic_jpeg_photos(tmp_path):
+    a = write_sample_images(tmp_path / "a", num_images=20, size=80, seed=1, num_classes=3)
+    b = write_sample_images(tmp_path / "b", num_images=20, size=80, seed=1, num_classes=3)
+    files = sorted(a.rglob("*"))
+    files = [f for f in files if f.is_file()]
+    assert len(files) == 20 and sorted(d.name for d in a.iterdir()) == ["class_0", "class_1", "class_2"]
+    for f in files:
+        twin = b / f.relative_to(a)
+        assert f.read_bytes() == twin.read_bytes()
+        with Image.open(f) as image:
+            assert image.format == "JPEG" and image.mode == "RGB"
+            assert 72 <= max(image.size) <= 88  # longer side 80 +- 10%
+            assert image.convert("L").getextrema()[1] - image.convert("L").getextrema()[0] > 50
+    c = write_sample_images(tmp_path / "c", num_images=20, size=80, seed=2, num_classes=3)
+    assert (c / "class_0" / "img_00000.jpg").read_bytes() != (a / "class_0" / "img_00000.jpg").read_bytes()
+
+
+@pytest.mark.timeout(240, method="thread")
+def test_make_beton_reports_skipped_files(tmp_path, capsys):
+    pytest.importorskip("ffcv")
+    folder = write_sample_images(tmp_path / "src", num_images=10, size=64, num_classes=2)
+    (folder / "class_1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    make_beton = load_script("launch/make_beton.py")
+    out = tmp_path / "out" / "data.beton"
+    assert make_beton.main([str(folder), str(out), "--max-side", "48", "--quality", "85"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 10 images (2 classes)" in printed
+    assert "skipped 1 unreadable file" in printed and "broken.jpg" in printed
+    from ffcv.reader import Reader
+    reader = Reader(str(out))
+    assert reader.num_samples == 10
+    assert reader.metadata["f0"]["width"].max() <= 48 and reader.metadata["f0"]["height"].max() <= 48
+    assert sorted(set(reader.metadata["f1"].tolist())) == [0, 1]
+
+    (tmp_path / "empty").mkdir()
+    assert make_beton.main([str(tmp_path / "empty"), str(tmp_path / "e.beton")]) == 1
+    assert str(tmp_path / "empty") in capsys.readouterr().err
+
+
+def test_loader_benchmark_writes_json(tmp_path):
+    bench = load_script("benchmarks/dataloader.py")
+    out = tmp_path / "torch.json"
+    result = bench.main(["--backend", "torch", "--num-images", "24", "--image-side", "64",
+                         "--batch-size", "4", "--image-size", "32", "--num-workers", "0",
+                         "--warmup", "1", "--batches", "3", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert saved["images_per_s"] > 0 and saved["cpu_cores_used"] >= 0
+    assert saved["machine"]["cpu"] and saved["machine"]["versions"]["torch"]
+    assert "--backend torch" in saved["command"] and saved["dataset"]["images"] == 24
+
+
+def test_loader_benchmark_needs_cuda_for_gpu_decoding(tmp_path, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    bench = load_script("benchmarks/dataloader.py")
+    with pytest.raises(SystemExit):
+        bench.main(["--backend", "torchvision-nvjpeg", "--device", "cuda", "--out", str(tmp_path / "x.json")])
+    assert "CUDA is not available" in capsys.readouterr().err
