@@ -38,7 +38,8 @@ def main(argv=None) -> int:
         print(f"make_beton: error: {error}", file=sys.stderr)
         return 1
     size_mb = report.path.stat().st_size / 2**20
-    print(f"wrote {report.written} images ({len(report.classes)} classes) to {report.path} "
+    classes = f"{len(report.classes)} class" + ("es" if len(report.classes) != 1 else "")
+    print(f"wrote {report.written} images ({classes}) to {report.path} "
           f"({size_mb:.1f} MiB) in {time.time() - start:.1f}s")
     print(f"skipped {len(report.skipped)} unreadable file(s)")
     for path, reason in report.skipped:

@@ -1,7 +1,6 @@
 """Every backend that runs on a CPU (torch, DALI CPU pipeline, FFCV, synthetic) through
 dmt.data.build_loader, on real JPEG files: format, view semantics, determinism,
 sharding and resume. FFCV runs under a hard timeout (known hang, ENVIRONMENT.md)."""
-import numpy as np
 import pytest
 import torch
 

@@ -1,5 +1,4 @@
 """Backend-independent pieces of dmt.data: random numbers, epoch plans, folder scan, views."""
-import math
 
 import numpy as np
 import pytest
@@ -11,6 +10,11 @@ from dmt.data.folder import scan_image_folder
 from dmt.data.rng import hash64, uniform
 from dmt.data.sampling import ShardedEpochs
 from dmt.errors import DataError
+
+# Garbage collection here can finalise numba dispatchers left by FFCV loaders of other
+# test modules; numba's finaliser then raises a harmless KeyError (upstream noise).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
 
 
 # --- rng ---------------------------------------------------------------------------

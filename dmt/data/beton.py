@@ -76,7 +76,12 @@ def write_beton(src, out, max_side=None, quality: int = 90, write_mode: str = "j
     labels = [folder.labels[i] for i in good]
     job = dict(out=str(out), files=files, labels=labels, max_side=max_side, quality=quality,
                write_mode=write_mode, workers=workers)
-    done = subprocess.run([sys.executable, "-m", "dmt.data.beton"], input=json.dumps(job), text=True)
+    # The child must import this very dmt, installed or not.
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run([sys.executable, "-m", "dmt.data.beton"], input=json.dumps(job),
+                          text=True, env=env)
     if done.returncode != 0:
         raise DataError(f"the FFCV writer failed writing {str(out)!r} (exit code {done.returncode})")
     return BetonReport(path=out, written=len(good), classes=folder.classes, skipped=skipped)
