@@ -1,7 +1,7 @@
 """What every benchmark result carries: the machine, the software, the command, the time.
 
-A figure without its machine is not a result. Used by benchmarks/throughput.py (and meant
-for benchmarks/dataloader.py too).
+A figure without its machine is not a result. Used by benchmarks/throughput.py and
+benchmarks/dataloader.py.
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from dmt.flops import cpu_model_name
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
@@ -29,17 +31,6 @@ def _version(package: str) -> str | None:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _memory_gib() -> float | None:
@@ -79,15 +70,15 @@ def machine_description(device: torch.device | str = "cpu") -> dict:
     device = torch.device(device)
     info = {
         "device_type": device.type,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model_name(),
         "cpu_cores": os.cpu_count(),
         "cpu_flags": _cpu_flags(),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": _memory_gib(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": {p: _version(p) for p in ("torch", "deepspeed", "timm", "numpy",
-                                               "nvidia-dali-cuda130", "ffcv")},
+        "versions": {p: _version(p) for p in ("torch", "torchvision", "deepspeed", "timm",
+                                               "numpy", "pillow", "nvidia-dali-cuda130", "ffcv")},
         "torch_cuda": torch.version.cuda,
         "git_commit": git_commit(),
     }
@@ -106,10 +97,10 @@ def machine_description(device: torch.device | str = "cpu") -> dict:
     return info
 
 
-def command_line() -> str:
+def command_line(argv: list[str] | None = None, script: str | None = None) -> str:
     """The exact command that produced a result, runnable from the repository root."""
-    script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO_ROOT)
-    return shlex.join(["python", script, *sys.argv[1:]])
+    script = script or os.path.relpath(os.path.abspath(sys.argv[0]), REPO_ROOT)
+    return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
 
 
 def timestamp() -> str:

@@ -15,12 +15,7 @@ torchvision-nvjpeg is a reference point, not a dmt backend: torchvision.io.decod
 on the GPU (nvJPEG), then the same crops (bicubic, antialiased) and views.
 """
 import argparse
-import datetime
-import importlib.metadata
-import json
 import os
-import platform
-import shlex
 import shutil
 import sys
 import tempfile
@@ -34,12 +29,13 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.common import (RESULTS_DIR, command_line, machine_description,  # noqa: E402
+                               timestamp, write_json)
 from dmt.data import build_loader, write_sample_images  # noqa: E402
 from dmt.data.augment import ViewSpec, crop_boxes, make_views  # noqa: E402
 from dmt.data.folder import scan_image_folder  # noqa: E402
 from dmt.data.sampling import ShardedEpochs  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class NvjpegLoader:
@@ -68,35 +64,6 @@ class NvjpegLoader:
                 for im, (t, l, h, w) in zip(images, boxes.tolist())]).clamp_(0, 255).div_(255)
             teacher, student = make_views(crops, self.spec, epoch, row)
             yield {"teacher": teacher, "student": student, "index": torch.from_numpy(row.copy())}
-
-
-def machine_description(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    for name, distribution in (("torchvision", "torchvision"), ("ffcv", "ffcv"), ("pillow", "pillow")):
-        try:
-            versions[name] = importlib.metadata.version(distribution)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    try:  # the DALI wheel's name depends on the CUDA version it was built for
-        versions["dali"] = __import__("nvidia.dali", fromlist=["__version__"]).__version__
-    except ImportError:
-        versions["dali"] = None
-    info = {"cpu": cpu, "logical_cores": os.cpu_count(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "platform": platform.platform(), "load_average_at_start": list(os.getloadavg()),
-            "versions": versions, "gpu": None}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
-                       "cuda": torch.version.cuda}
-    return info
 
 
 def cpu_seconds() -> float:
@@ -208,9 +175,8 @@ def main(argv=None):
             "seconds_timed": round(elapsed, 3), "build_s": round(build_s, 2),
             "cpu_cores_used": round(cpu_used / elapsed, 2),
             "dataset": dataset, "machine": machine,
-            "command": shlex.join(["python", "benchmarks/dataloader.py"]
-                                  + (sys.argv[1:] if argv is None else list(argv))),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command_line(argv, script="benchmarks/dataloader.py"),
+            "date": timestamp(),
         }
         if device.type == "cuda":
             free1, _ = torch.cuda.mem_get_info(device)
@@ -221,9 +187,8 @@ def main(argv=None):
         result["machine"]["load_average_at_end"] = list(os.getloadavg())
         del batches, loader
 
-    out = Path(args.out) if args.out else RESULTS / f"dataloader_{args.backend}_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_json(Path(args.out) if args.out else
+                     RESULTS_DIR / f"dataloader_{args.backend}_{device.type}.json", result)
     gpu = f", GPU memory {result['gpu_memory']}" if "gpu_memory" in result else ""
     print(f"{args.backend} on {device}: {result['images_per_s']} dual-view images/s, "
           f"{result['cpu_cores_used']} CPU cores{gpu} -> {out}")

@@ -1,8 +1,6 @@
 """The recipe's pieces checked against independent expectations: schedule, decay groups, configs."""
-import math
 
 import pytest
-import torch
 
 from dmt.config import batch_arithmetic, check_files, load_config
 from dmt.engine.optim import lr_at, param_groups, peak_lr
