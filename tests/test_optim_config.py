@@ -84,3 +84,19 @@ def test_overrides_types_and_lists(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match=r"teachers\[0\].chekpoint"):
         load_config(None, ["teachers=[{kind: mae, chekpoint: x}]"])
+
+
+def test_deepspeed_config_takes_batch_arithmetic_and_clipping_from_the_yaml(tmp_path):
+    from dmt.engine.trainer import deepspeed_config
+
+    cfg = load_config(REPO / "configs" / "dmt_vit_small.yaml", ["optim.clip_grad=3.0"])
+    ds = deepspeed_config(cfg, accum=2)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"],
+            ds["gradient_accumulation_steps"]) == (4096, 256, 2)
+    assert ds["gradient_clipping"] == 3.0 and ds["bf16"]["enabled"]
+    assert deepspeed_config(load_config(REPO / "configs" / "dmt_vit_small.yaml"), 1)["gradient_clipping"] == 0.0
+    own = tmp_path / "with_optimizer.json"
+    own.write_text('{"optimizer": {"type": "AdamW"}}')
+    cfg["deepspeed"]["config"] = str(own)
+    with pytest.raises(ConfigError, match="remove the 'optimizer' section"):
+        deepspeed_config(cfg, accum=2)
