@@ -154,39 +154,65 @@ def _type_ok(value: Any, expected: tuple[type, ...]) -> bool:
     return isinstance(value, expected)
 
 
+# Counters that make no sense below a bound (a zero would divide by zero or stop at once).
+_AT_LEAST = {"run.epochs": 1, "run.max_steps": 1, "run.log_every": 1, "run.checkpoint_every": 1,
+             "run.keep_last": 1, "run.max_nonfinite": 1, "model.img_size": 16,
+             "data.num_workers": 0, "data.sample_images": 0, "teacher_runtime.teacher_ranks": 0,
+             "optim.warmup_epochs": 0}
+
+
+def _expected_type(key: str, default: Any) -> tuple[type, ...] | None:
+    if key in _DECLARED_TYPES:
+        return _DECLARED_TYPES[key]
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        return (bool,)
+    if isinstance(default, float):
+        return (float, int)
+    return (type(default),)
+
+
 def validate_types(cfg: dict) -> None:
     with open(DEFAULT_CONFIG) as f:
         defaults = _flatten(yaml.safe_load(f))
-    for key, value in _flatten(cfg).items():
-        if key == "teachers" or key not in defaults:
+    flat = _flatten(cfg)
+    for key in flat:
+        if key not in defaults and key != "teachers":
+            leaf = next((d for d in defaults if key.startswith(d + ".")), None)
+            if leaf is not None:
+                raise ConfigError(f"config key '{leaf}' must be a single value, got a mapping")
+            raise ConfigError(f"config section '{key}' must be a mapping of keys, "
+                              f"got {flat[key]!r}")
+    for key, default in defaults.items():
+        if key == "teachers":
             continue
-        default = defaults[key]
-        if key in _DECLARED_TYPES:
-            expected = _DECLARED_TYPES[key]
-            if value is None:
-                continue
-        elif default is None:
-            continue
-        elif isinstance(default, bool):
-            expected = (bool,)
-        elif isinstance(default, float):
-            expected = (float, int)
-        else:
-            expected = (type(default),)
-        if not _type_ok(value, expected):
-            names = " or ".join(t.__name__ for t in expected)
-            raise ConfigError(f"config key '{key}' must be {names}, got {value!r} "
-                              f"({type(value).__name__})")
+        value = flat[key]
+        expected = _expected_type(key, default)
+        if expected is not None and not (value is None and key in _DECLARED_TYPES):
+            if not _type_ok(value, expected):
+                names = " or ".join(t.__name__ for t in expected)
+                raise ConfigError(f"config key '{key}' must be {names}, got {value!r} "
+                                  f"({type(value).__name__})")
         if key in _CHOICES and value not in _CHOICES[key]:
             raise ConfigError(f"config key '{key}' must be one of {_CHOICES[key]}, got {value!r}")
+        if key in _AT_LEAST and value is not None and value < _AT_LEAST[key]:
+            raise ConfigError(f"config key '{key}' must be at least {_AT_LEAST[key]}, got {value}")
     for key, length in (("data.crop_scale", 2), ("data.color_jitter", 3), ("optim.betas", 2)):
-        value = _flatten(cfg)[key]
+        value = flat[key]
         if len(value) != length or not all(_type_ok(v, (float, int)) for v in value):
             raise ConfigError(f"config key '{key}' must be a list of {length} numbers, got {value}")
     bad_terms = [t for t in cfg["method"]["losses"] if t not in ("tfd", "sfd")]
     if bad_terms or not cfg["method"]["losses"]:
         raise ConfigError(f"method.losses must be a non-empty subset of [tfd, sfd], "
                           f"got {cfg['method']['losses']}")
+    for i, t in enumerate(cfg["teachers"]):
+        for field, types in (("name", (str,)), ("arch", (str,)), ("weight", (float, int)),
+                             ("checkpoint", (str, type(None)))):
+            if not _type_ok(t[field], types):
+                raise ConfigError(f"teachers[{i}].{field} must be "
+                                  f"{' or '.join(x.__name__ for x in types if x is not type(None))}"
+                                  f", got {t[field]!r}")
 
 
 def batch_arithmetic(global_batch: int, micro_batch: int, data_parallel: int) -> int:

@@ -36,24 +36,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))
+    rank, started = int(os.environ.get("RANK", 0)), False
     try:
         # Everything that can be checked is checked before any process group or model exists.
         cfg = load_config(args.config, args.overrides)
         if args.deepspeed_config:
             cfg["deepspeed"]["config"] = args.deepspeed_config
         check_files(cfg, Path(__file__).resolve().parents[1])
-        batch_arithmetic(cfg["optim"]["global_batch"], cfg["optim"]["micro_batch"],
-                         student_ranks(cfg, int(os.environ.get("WORLD_SIZE", 1))))
+        from dmt.engine.distributed import launched_world_size, setup_distributed
 
-        from dmt.engine.distributed import setup_distributed
+        batch_arithmetic(cfg["optim"]["global_batch"], cfg["optim"]["micro_batch"],
+                         student_ranks(cfg, launched_world_size()))
+
         from dmt.engine.trainer import train
 
         info = setup_distributed()
+        rank, started = info.rank, True
         train(cfg, info, resume=args.resume)
     except DMTError as err:
-        if rank == 0:
-            print(f"dmt: error: {err}", file=sys.stderr)
+        # Checks before start-up fail alike on every rank: say it once. Later errors may
+        # be one rank's own (its data shard, its teacher stream): every rank speaks.
+        if started or rank == 0:
+            prefix = f"[rank {rank}] " if started and int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+            print(f"dmt: error: {prefix}{err}", file=sys.stderr)
         return 2
     return 0
 

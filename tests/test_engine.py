@@ -138,6 +138,12 @@ def test_resume_refuses_a_different_student(tmp_path, images):
                           "model.adapter=linear")
     assert result.returncode == 2
     assert "different run" in result.stderr and "vit_small_patch16_224" in result.stderr
+    result = run_pretrain(cfg, "--resume", "auto", "method.losses=[tfd]", "run.seed=3")
+    assert result.returncode == 2
+    assert "method.losses" in result.stderr and "run.seed" in result.stderr
+    # Starting afresh over a run's checkpoints would overwrite them: refused.
+    result = run_pretrain(cfg)
+    assert result.returncode == 2 and "already holds checkpoints" in result.stderr
 
 
 NAN_SCRIPT = r"""
@@ -179,6 +185,26 @@ def test_nonfinite_loss_skips_step_then_stops(tmp_path, images):
     result = run(range(1, 100), "always")
     assert result.returncode == 2
     assert "3 non-finite losses in a row" in result.stderr
+    # Non-finite student activations would give NaN gradients even through the zero
+    # surrogate: the run stops before the optimizer touches the weights.
+    script = TOKENS_SCRIPT.replace("BAD_CALLS", "{3}")
+    result = subprocess.run([sys.executable, "-c", script, "--config", str(cfg),
+                             "run.name=tokens"], cwd=REPO, capture_output=True, text=True,
+                            env=__import__("engine_utils").clean_env())
+    assert result.returncode == 2
+    assert "stopping at step 2: the student produced non-finite activations" in result.stderr
+    assert not (tmp_path / "runs" / "tokens" / "checkpoints" / "latest").exists()
+
+
+TOKENS_SCRIPT = NAN_SCRIPT.replace(
+    "original = L.DistillationLoss.__call__", "original = L.DistillationLoss.__call__\n"
+    "import dmt.models.student as S\nforward = S.Student.forward\n"
+    "def nan_tokens(self, x):\n"
+    "    out = forward(self, x)\n"
+    "    calls['n'] += 1\n"
+    "    return out * float('nan') if calls['n'] in BAD_CALLS else out\n"
+    "S.Student.forward = nan_tokens").replace(
+    "L.DistillationLoss.__call__ = poisoned", "")
 
 
 def _error_of(tmp_path, config, *overrides):

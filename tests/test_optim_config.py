@@ -100,3 +100,17 @@ def test_deepspeed_config_takes_batch_arithmetic_and_clipping_from_the_yaml(tmp_
     cfg["deepspeed"]["config"] = str(own)
     with pytest.raises(ConfigError, match="remove the 'optimizer' section"):
         deepspeed_config(cfg, accum=2)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("run.seed={a: 1}", "'run.seed' must be a single value"),
+    ("optim=5", "section 'optim' must be a mapping"),
+    ("run.checkpoint_every=0", "'run.checkpoint_every' must be at least 1"),
+    ("run.max_nonfinite=0", "'run.max_nonfinite' must be at least 1"),
+    ("teachers.0.weight=abc", r"teachers\[0\].weight must be float or int"),
+    ("teachers.0.checkpoint=5", r"teachers\[0\].checkpoint must be str"),
+])
+def test_bad_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "configs" / "demo.yaml", [override])
+

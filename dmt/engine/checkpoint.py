@@ -71,18 +71,24 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, trainer_state: dict, ran
     barrier(group)
     if rank == 0:
         (tmp_root / tag / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        if final.exists():  # an identical step re-saved after a resume
-            shutil.rmtree(final)
+        stale = None
+        if final.exists():  # the same step saved again (a resume from an older checkpoint)
+            stale = tmp_root / f"{tag}.replaced"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
         os.replace(tmp_root / tag, final)
         write_atomic(ckpt_root / LATEST, tag.encode())
-        _prune(ckpt_root, keep_last)
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
+        _prune(ckpt_root, tag, keep_last)
     barrier(group)
     return final
 
 
-def _prune(ckpt_root: Path, keep_last: int) -> None:
-    tags = sorted(p for p in ckpt_root.glob("step*") if p.is_dir())
-    for old in tags[:-keep_last] if keep_last > 0 else []:
+def _prune(ckpt_root: Path, newest: str, keep_last: int) -> None:
+    """Keeps the `keep_last` newest checkpoints up to `newest`; never touches later ones."""
+    tags = sorted(p for p in ckpt_root.glob("step*") if p.is_dir() and p.name <= newest)
+    for old in tags[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -107,16 +113,28 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
+# What must not change for a resumed run to be the same run (objective, data order, shapes).
+_RESUME_KEYS = [("model", "arch"), ("model", "img_size"), ("model", "adapter"),
+                ("optim", "global_batch"), ("run", "seed"), ("method", "losses"),
+                ("method", "distance"), ("method", "direction"), ("method", "fusion"),
+                ("data", "sample_images"),
+                ("data", "crop_scale"), ("data", "color_jitter")]
+
+
+def _used_teachers(cfg: dict) -> list[tuple]:
+    chosen = cfg["method"]["teachers"]
+    weighted = cfg["method"]["fusion"] == "weighted"
+    return [(t["name"], t["kind"], t["arch"], t["weight"] if weighted else None)
+            for t in cfg["teachers"] if chosen is None or t["name"] in chosen]
+
+
 def check_compatible(saved_cfg: dict, cfg: dict, path: Path) -> None:
-    """A checkpoint resumes only the same student, teachers and batch arithmetic."""
-    keys = [("model", "arch"), ("model", "img_size"), ("model", "adapter"),
-            ("optim", "global_batch")]
+    """A checkpoint resumes only the same student, teachers, objective and data order."""
     diffs = [f"{a}.{b}: checkpoint {saved_cfg[a][b]!r} vs now {cfg[a][b]!r}"
-             for a, b in keys if saved_cfg[a][b] != cfg[a][b]]
-    saved_t = [t["name"] for t in saved_cfg["teachers"]]
-    now_t = [t["name"] for t in cfg["teachers"]]
+             for a, b in _RESUME_KEYS if saved_cfg[a][b] != cfg[a][b]]
+    saved_t, now_t = _used_teachers(saved_cfg), _used_teachers(cfg)
     if saved_t != now_t:
-        diffs.append(f"teachers: checkpoint {saved_t} vs now {now_t}")
+        diffs.append(f"teachers (name, kind, arch, weight): checkpoint {saved_t} vs now {now_t}")
     if diffs:
         raise CheckpointError(f"checkpoint {path} was written by a different run:\n  "
                               + "\n  ".join(diffs))

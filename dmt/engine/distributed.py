@@ -27,6 +27,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher started (torchrun/deepspeed or MPI), else 1."""
+    for var in ("WORLD_SIZE", *_MPI_SIZE_VARS):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 1
+
+
 def setup_distributed() -> DistInfo:
     """Initialises torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU).
 
@@ -35,18 +46,19 @@ def setup_distributed() -> DistInfo:
     """
     import deepspeed
 
-    if "RANK" not in os.environ:
+    if "RANK" not in os.environ and launched_world_size() == 1:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    # (Under mpirun, DeepSpeed discovers ranks through mpi4py and sets these variables.)
     cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    else:
+    if not cuda:
         # DeepSpeed would compile its shared-memory comm op (~30 s) at first use on CPU.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 

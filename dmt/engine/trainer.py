@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,10 +75,12 @@ def _prepare_data_path(cfg: dict, run_dir: Path, info: DistInfo) -> str | None:
     data = cfg["data"]
     if data["path"] is not None or data["backend"] == "synthetic":
         return data["path"]
-    folder = run_dir / "sample_images"
-    if info.is_main and not (folder / ".complete").exists():
+    folder, marker = run_dir / "sample_images", run_dir / "sample_images" / ".complete"
+    wanted = f"{data['sample_images']} images, seed {cfg['run']['seed']}"
+    if info.is_main and not (marker.exists() and marker.read_text() == wanted):
+        shutil.rmtree(folder, ignore_errors=True)
         write_sample_images(folder, num_images=data["sample_images"], seed=cfg["run"]["seed"])
-        (folder / ".complete").touch()
+        marker.write_text(wanted)
     barrier()
     return str(folder)
 
@@ -148,20 +151,27 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
 
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "nonfinite_total": 0,
              "images_seen": 0}
+    if not resume and (run_dir / "checkpoints" / ckpt.LATEST).exists():
+        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume auto to continue "
+                          "that run, or choose another run.name / run.output_dir")
     resume_from = ckpt.find_checkpoint(resume, run_dir) if resume else None
     if resume_from is not None:
         saved = json.loads((resume_from / "trainer_state.json").read_text())
         ckpt.check_compatible(saved["config"], cfg, resume_from)
         state.update({k: v for k, v in saved.items() if k in state})
 
+    ds_config = deepspeed_config(cfg, accum)
     if placement.role == "teacher":
-        _serve_targets(placement, loaders, state, steps_per_epoch, accum, total_steps, run_cfg)
+        # DeepSpeed all-reduces the tag's hash at each save unless tag validation is off.
+        validates_tags = ds_config.get("checkpoint", {}).get("tag_validation", "Warn").lower() != "ignore"
+        _serve_targets(placement, loaders, state, steps_per_epoch, accum, total_steps, run_cfg,
+                       validates_tags)
         return {"run_dir": run_dir, "role": "teacher", **state}
 
     # --- the student engine, confined to the student ranks by the placement's mpu
     optimizer = build_optimizer(student, optim_cfg, info.device)
     engine, optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
-                                                   config=deepspeed_config(cfg, accum),
+                                                   config=ds_config,
                                                    mpu=placement.mpu)
     method.student = engine
     group = placement.mpu.get_data_parallel_group() if placement.mpu else None
@@ -184,7 +194,7 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     student_dtype = _engine_dtype(engine)
     peak, pending, streak, last_ckpt = peak_lr(optim_cfg), [], 0, None
     window_start, train_start, start_step = time.perf_counter(), time.perf_counter(), state["global_step"]
-    skipped_reported = loader.skipped
+    skipped_reported = 0  # files a backend rejected up front are reported with epoch 0
     while state["global_step"] < total_steps:
         lr = lr_at(state["global_step"], schedule_steps, warmup_steps(optim_cfg, steps_per_epoch),
                    peak, optim_cfg["min_lr"])
@@ -198,10 +208,20 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
             out = method({"student": batch["student"].to(info.device, student_dtype,
                                                          non_blocking=True)}, targets=targets)
             loss = out["loss"]
-            # One flag, agreed by all student ranks, so every rank skips the same steps.
-            bad = (~torch.isfinite(loss.detach())).float()
+            # One flag, agreed by all student ranks, so every rank skips the same steps:
+            # 1 = non-finite loss (skip the step), 2 = non-finite student tokens (stop: their
+            # gradients would be NaN even through a zero surrogate and reach the weights).
+            bad = torch.maximum((~torch.isfinite(loss.detach())).float(),
+                                2.0 * (~torch.isfinite(out["student_tokens"].detach())).any().float())
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
-            if bad.item():
+            bad = bad.item()
+            if bad == 2:
+                log.close()
+                raise DMTError(f"stopping at step {state['global_step'] + 1}: the student produced "
+                               "non-finite activations; the weights are untouched and the last "
+                               f"checkpoint is {last_ckpt or 'none'}. Lower the lr, enable "
+                               "optim.clip_grad, or use bf16 instead of fp16.")
+            if bad:
                 bad_step = True
                 loss = (out["student_tokens"] * 0).sum()  # zero grads; DeepSpeed hooks still fire
             step_terms = torch.stack([out[k].detach().float() for k in ("loss", *method.loss.terms)])
@@ -233,7 +253,7 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
             if loader.skipped > skipped_reported:
                 log.warn(f"epoch {state['epoch'] - 1}: skipped {loader.skipped - skipped_reported}"
                          f" unreadable file(s) on rank 0: {loader.skipped_files[-5:]}")
-                skipped_reported = loader.skipped
+                skipped_reported = 0  # files a backend rejected up front are reported with epoch 0
         done = state["global_step"] == total_steps
         if len(pending) >= run_cfg["log_every"] or done:
             elapsed = time.perf_counter() - window_start
@@ -247,8 +267,10 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
             window_start = time.perf_counter()  # checkpoint time is not training time
     placement.close()
 
-    skipped = torch.tensor([float(loader.skipped)])
-    dist.all_reduce(skipped, group=group)
+    # Backends that probe up front see every bad file on every rank: count each file once.
+    per_rank = [None] * dist.get_world_size(group)
+    dist.all_gather_object(per_rank, list(loader.skipped_files), group=group)
+    skipped = len(set().union(*per_rank))
     exported = None
     if run_cfg["export"] and last_ckpt is not None and info.is_main:
         exported = ckpt.export_student(last_ckpt, run_dir / f"student_{cfg['model']['arch']}.pth")
@@ -262,7 +284,7 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
         "images/s (this launch)": f"{steps_run * optim_cfg['global_batch'] / max(wall, 1e-9):.1f}",
         "wall time": f"{wall:.1f} s",
         "non-finite steps skipped": state["nonfinite_total"],
-        "unreadable files skipped": int(skipped.item()),
+        "unreadable files skipped": skipped,
         "peak memory (rank 0)": f"{_peak_memory_gb(info.device):.2f} GiB",
         "last checkpoint": str(last_ckpt),
         "exported student": str(exported) if exported else "-",
@@ -281,7 +303,7 @@ def checkpoint_due(step: int, run_cfg: dict, total_steps: int) -> bool:
 
 
 def _serve_targets(placement, loaders, state: dict, steps_per_epoch: int, accum: int,
-                   total_steps: int, run_cfg: dict) -> None:
+                   total_steps: int, run_cfg: dict, validates_tags: bool) -> None:
     """A dedicated teacher rank: the same micro-batches as its students, fused targets out,
     and a seat at the students' checkpoint collectives."""
     streams = {s: micro_batches(loader, state, steps_per_epoch, accum, total_steps)
@@ -291,7 +313,7 @@ def _serve_targets(placement, loaders, state: dict, steps_per_epoch: int, accum:
         if served % accum == 0:
             step = state["global_step"] + served // accum
             if checkpoint_due(step, run_cfg, total_steps):
-                placement.join_checkpoint(ckpt.checkpoint_tag(step))
+                placement.join_checkpoint(ckpt.checkpoint_tag(step) if validates_tags else None)
 
     placement.serve(streams, steps=(total_steps - state["global_step"]) * accum,
                     on_step=after_micro_batch)
