@@ -5,12 +5,15 @@ import torch
 
 from dmt.losses import DistillationLoss
 from dmt.methods import METHODS
-from dmt.models import Student, TeacherEnsemble, load_teacher
+from dmt.models import FrozenTeacher, Student, TeacherEnsemble, create_encoder, load_teacher
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def build_teachers(cfg: dict, device: torch.device, warn=print) -> TeacherEnsemble:
+def build_teachers(cfg: dict, device: torch.device, warn=print,
+                   shapes_only: bool = False) -> TeacherEnsemble:
+    """The run's teachers. shapes_only: weightless encoders on the meta device, for ranks
+    that need the teachers' width and token count but never run them (dedicated students)."""
     dtype = DTYPES[cfg["teacher_runtime"]["dtype"]]
     chosen = cfg["method"]["teachers"]
     teachers = []
@@ -21,10 +24,16 @@ def build_teachers(cfg: dict, device: torch.device, warn=print) -> TeacherEnsemb
             warn(f"teacher '{entry['name']}' is RANDOMLY INITIALISED ({entry['arch']}): fine for "
                  "a demo or a benchmark, meaningless for pretraining. Real runs pass official "
                  "MAE / MoCo v3 / iBOT checkpoints.")
+        if shapes_only:
+            with torch.device("meta"):
+                encoder = create_encoder(entry["arch"], cfg["model"]["img_size"])
+            teachers.append(FrozenTeacher(encoder, entry["name"], dtype))
+            continue
         teachers.append(load_teacher(entry["kind"], entry["checkpoint"], arch=entry["arch"],
                                      img_size=cfg["model"]["img_size"], dtype=dtype,
                                      name=entry["name"], seed=cfg["run"]["seed"] + i))
-    return TeacherEnsemble(teachers).to(device)
+    ensemble = TeacherEnsemble(teachers)
+    return ensemble if shapes_only else ensemble.to(device)
 
 
 def teacher_weights(cfg: dict, ensemble: TeacherEnsemble) -> list[float]:

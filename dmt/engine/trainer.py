@@ -115,9 +115,13 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     torch.manual_seed(run_cfg["seed"] + info.rank)
 
     # --- models: frozen half-precision teachers outside the engine, the student inside it
-    teachers = optimize_teachers(build_teachers(cfg, info.device, warn=log.warn),
-                                 DTYPES[runtime["dtype"]], compile=runtime["compile"],
-                                 stack=runtime["stack"])
+    if runtime["placement"] == "dedicated" and info.rank < dp_world:
+        # A dedicated student rank receives fused targets: it needs the teachers' shapes only.
+        teachers = build_teachers(cfg, info.device, warn=log.warn, shapes_only=True)
+    else:
+        teachers = optimize_teachers(build_teachers(cfg, info.device, warn=log.warn),
+                                     DTYPES[runtime["dtype"]], compile=runtime["compile"],
+                                     stack=runtime["stack"])
     student = build_student(cfg, teachers.embed_dim)
     if student.num_tokens != teachers.num_tokens:
         raise ConfigError(f"student {cfg['model']['arch']} gives {student.num_tokens} tokens, the "
@@ -184,10 +188,12 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     log.close()
     log = RunLogger(run_dir, total_steps, info.is_main, run_cfg["progress"],
                     run_cfg["tensorboard"], start_step=state["global_step"])
+    execution = (teachers.describe() if runtime["placement"] == "colocated"
+                 else f"{runtime['teacher_ranks']} teacher rank(s)")
     log.info(f"run {run_dir}: {total_steps} steps, {steps_per_epoch} per epoch, global batch "
              f"{optim_cfg['global_batch']} = {optim_cfg['micro_batch']} x {accum} accumulation x "
-             f"{dp_world} student rank(s); teachers {teachers.names} ({runtime['placement']}, "
-             f"{teachers.describe()}); student {cfg['model']['arch']}")
+             f"{dp_world} student rank(s); teachers {teachers.names} ({runtime['placement']}: "
+             f"{execution}); student {cfg['model']['arch']}")
 
     loader = loaders[0]
     batches = micro_batches(loader, state, steps_per_epoch, accum, total_steps)
