@@ -256,6 +256,12 @@ def test_missing_file_names_path(tmp_path):
     assert isinstance(excinfo.value, DMTError)
 
 
+def _official_content(fmt: str, enc: dict):
+    """An encoder state dict wrapped in the container of the given official layout."""
+    wrap = {"mae": _mae_file, "mocov3": _mocov3_file, "ibot-full": _ibot_full_training_file}
+    return wrap[fmt](enc) if fmt in wrap else enc  # dino and timm files are bare state dicts
+
+
 @pytest.mark.parametrize("fmt", ["mae", "mocov3", "ibot-full", "dino", "timm"])
 def test_missing_keys_named(fmt, source, tmp_path):
     kind, name, _ = _official(fmt, source)
@@ -263,9 +269,7 @@ def test_missing_keys_named(fmt, source, tmp_path):
     gone = ["blocks.1.mlp.fc1.weight", "norm.bias"]
     for k in gone:
         del enc[k]
-    content = {"mae": lambda: _mae_file(enc), "mocov3": lambda: _mocov3_file(enc),
-               "ibot-full": lambda: _ibot_full_training_file(enc), "dino": lambda: enc,
-               "timm": lambda: enc}[fmt]()
+    content = _official_content(fmt, enc)
     path = _write(tmp_path, name, content)
     with pytest.raises(CheckpointError) as excinfo:
         load_teacher(kind, path, arch=ARCH, img_size=IMG)
@@ -281,9 +285,7 @@ def test_unexpected_keys_named(fmt, source, tmp_path):
     enc = _encoder_state(source)
     extra = {"blocks.0.attn.gamma": torch.ones(192), "fc_norm.weight": torch.ones(192)}
     enc.update(extra)
-    content = {"mae": lambda: _mae_file(enc), "mocov3": lambda: _mocov3_file(enc),
-               "ibot-full": lambda: _ibot_full_training_file(enc), "dino": lambda: enc,
-               "timm-safetensors": lambda: enc}[fmt]()
+    content = _official_content(fmt, enc)
     path = _write(tmp_path, name, content)
     with pytest.raises(CheckpointError) as excinfo:
         load_teacher(kind, path, arch=ARCH, img_size=IMG)

@@ -3,7 +3,6 @@ and a one-screen summary. Only rank 0 writes; values arrive already reduced."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from rich.console import Console
@@ -88,13 +87,3 @@ class RunLogger:
         self.metrics.close()
         if self.tb is not None:
             self.tb.close()
-
-
-class Stopwatch:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        elapsed, self.start = now - self.start, now
-        return elapsed

@@ -153,8 +153,7 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     # max_steps stops early (smoke runs, tests); the lr schedule still spans run.epochs.
     total_steps = min(schedule_steps, run_cfg["max_steps"] or schedule_steps)
 
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "nonfinite_total": 0,
-             "images_seen": 0}
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "nonfinite_total": 0}
     if not resume and (run_dir / "checkpoints" / ckpt.LATEST).exists():
         raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume auto to continue "
                           "that run, or choose another run.name / run.output_dir")
@@ -238,7 +237,6 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
             engine.step()
         state["global_step"] += 1
         state["step_in_epoch"] += 1
-        state["images_seen"] += optim_cfg["global_batch"]
         streak = streak + 1 if bad_step else 0
         state["nonfinite_total"] += int(bad_step)
         pending.append({"terms": terms / accum, "lr": lr, "data_wait": data_wait,
