@@ -18,6 +18,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 # Targets of the issue for one H100/H200, bf16, ViT-S student + 3 teachers, synthetic data.
 TARGET_MFU, TARGET_SPEEDUP = 0.55, 1.5
+SHORT_NAMES = {"vit_tiny_patch16_224": "ViT-T", "vit_small_patch16_224": "ViT-S",
+               "vit_base_patch16_224": "ViT-B"}
 
 
 def _fmt(x, digits=1, pct=False):
@@ -75,23 +77,27 @@ def variants_table(result: dict) -> list[str]:
     variants = result.get("teacher_variants") or []
     if not variants:
         return ["(not measured in this run)"]
-    lines = ["| teachers | variant | batch | ms / batch | img/s | vs reference | first call s |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+    lines = ["| teachers | variant | batch | ms / batch | img/s | vs reference | first call s "
+             "| target KL vs loop (nats/token) |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for m in sorted({v["teachers"] for v in variants}):
         group = [v for v in variants if v["teachers"] == m]
         ref = next((v for v in group if v["mode"] == "reference"), None)
         for v in group:
-            if "error" in v:
-                lines.append(f"| {m} | {v['variant']} | | failed: {v['error'][:80]} | | | |")
+            if "error" in v or "skipped" in v:
+                why = f"failed: {v['error'][:80]}" if "error" in v else f"skipped: {v['skipped']}"
+                lines.append(f"| {m} | {v['variant']} | | {why} | | | | |")
                 continue
             ratio = ref["ms"] / v["ms"] if ref else None
+            kl = f"{v['target_kl']:.1e}" if "target_kl" in v else ""
             lines.append(f"| {m} | {v['variant']} | {v['micro_batch']} | {v['ms']:.1f} | "
                          f"{v['images_per_s']:.1f} | {_fmt(ratio, 2)}x | "
-                         f"{v['first_call_s']:.1f} |")
+                         f"{v['first_call_s']:.1f} | {kl} |")
     choice = result.get("teacher_choice") or {}
     lines.append("")
     lines.append(f"Chosen for the matrix: mode `{choice.get('mode')}`, compile "
-                 f"`{choice.get('compile')}` ({choice.get('why')}).")
+                 f"`{choice.get('compile')}`, fp8 `{choice.get('fp8', False)}` "
+                 f"({choice.get('why')}).")
     return lines
 
 
@@ -159,6 +165,28 @@ def targets_section(result: dict) -> list[str]:
             f"- speed-up {_fmt(r.get('speedup_vs_reference'), 2)}x (target >= "
             f"{TARGET_SPEEDUP}x): {'met' if sp_ok else 'NOT met'}",
             f"- micro-batch {r['micro_batch']}, step breakdown {r['breakdown_ms']} ms"]
+
+
+def profile_section(result: dict) -> list[str]:
+    prof = result.get("profile")
+    if not prof:
+        return ["(not profiled in this run: `--profile STUDENT:TEACHERS`)"]
+    busy = (f", GPU busy {100 * prof['device_busy']:.0f}% of the step"
+            if prof.get("device_busy") is not None else "")
+    lines = [f"{SHORT_NAMES.get(prof['student'], prof['student'])} + {prof['teachers']} teachers, "
+             f"micro-batch {prof['micro_batch']}, {prof['steps']} steps: "
+             f"{prof['wall_ms_per_step']:.1f} ms per step wall, {prof['busy_ms_per_step']:.1f} ms "
+             f"of {prof['time_kind']}{busy}.", "",
+             "| kind | ms / step | share |", "|---|---:|---:|"]
+    total = prof["busy_ms_per_step"] or 1.0
+    for kind, ms in prof["by_category_ms"].items():
+        lines.append(f"| {kind} | {ms:.1f} | {100 * ms / total:.0f}% |")
+    lines += ["", "| top operators | kind | ms / step | calls / step |", "|---|---|---:|---:|"]
+    for op in prof["top_ops"][:10]:
+        name = op["name"].replace("|", "/")
+        lines.append(f"| `{name[:70]}` | {op['category']} | {op['ms_per_step']:.2f} | "
+                     f"{op['calls_per_step']:.0f} |")
+    return lines
 
 
 def plot(result: dict, path: Path) -> None:
@@ -238,6 +266,7 @@ def write_report(json_path: Path) -> tuple[Path, Path]:
     lines += variants_table(result)
     lines += ["", "## Placements on the same hardware", ""] + placement_section(result)
     lines += ["", "## Targets", ""] + targets_section(result)
+    lines += ["", "## Where the time goes (torch.profiler)", ""] + profile_section(result)
     lines += ["", "## Step-time breakdown (every row)", ""] + breakdown_table(result)
     if result.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]

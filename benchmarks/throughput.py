@@ -67,13 +67,13 @@ PRESETS = {
                 reference_precision="fp32", zero_stage=0, data=["synthetic"],
                 data_probe=["synthetic-loader", "jpeg"], probe_cell="T:3",
                 teacher_variants=[3], variant_compile=True, variant_steps=3,
-                dedicated="1:1", dedicated_cell="T:3", threads=1),
+                dedicated="1:1", dedicated_cell="T:3", profile="T:3", threads=1),
     "gpu": dict(students=["T", "S", "B"], teacher_arch="B", teacher_counts=[0, 1, 2, 3],
                 img_size=224, micro_batch="auto", steps=20, warmup=5, precision="bf16",
                 reference_precision="fp16", zero_stage=1, data=["synthetic"],
                 data_probe=["synthetic-loader", "jpeg"], probe_cell="S:3",
                 teacher_variants=[3], variant_compile=True, variant_steps=10,
-                dedicated="1:1", dedicated_cell="S:3", threads=None),
+                dedicated="1:1", dedicated_cell="S:3", profile="S:3", threads=None),
 }
 BATCH_CANDIDATES = [1024, 768, 512, 384, 256, 192, 128, 96, 64, 32, 16, 8]
 
@@ -100,9 +100,12 @@ class Config:
     variant_steps: int
     dedicated: str
     dedicated_cell: str
+    profile: str = ""                # STUDENT:TEACHERS cell to profile ("" = none)
+    profile_steps: int = 3
     compile_student: bool = False
     teacher_mode: str = "auto"       # auto | loop | stacked
     teacher_compile: str = "auto"    # auto | on | off | <torch.compile mode>
+    teacher_fp8: bool = False        # FP8 block linears in the matrix's teacher path
     threads: int | None = None
     jpeg_path: str | None = None
     out: str | None = None
@@ -137,9 +140,15 @@ def parse_args(argv=None) -> Config:
                    help="auto: the fastest measured variant (or optimize_teachers' default)")
     p.add_argument("--teacher-compile", default="auto",
                    help="auto | on | off | a torch.compile mode such as reduce-overhead")
+    p.add_argument("--teacher-fp8", choices=["on", "off"], default="off",
+                   help="run the matrix's teachers with FP8 block linears (bf16 precision, "
+                        "GPUs with FP8 tensor cores); the variants measure both either way")
     p.add_argument("--dedicated", help="TEACHER_RANKS:STUDENT_RANKS for the multi-process "
                                        "placement comparison, e.g. 1:1 ('' = skip)")
     p.add_argument("--dedicated-cell", help="STUDENT:TEACHERS for it, e.g. S:3")
+    p.add_argument("--profile", help="STUDENT:TEACHERS cell to run under torch.profiler after "
+                                     "the matrix, e.g. S:3 ('' = skip): time by kind of "
+                                     "kernel, top operators, GPU busy fraction")
     p.add_argument("--compile-student", choices=["on", "off"],
                    help="engine.compile() the student (DeepSpeed's torch.compile wrapper)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
@@ -165,12 +174,14 @@ def parse_args(argv=None) -> Config:
         else None,
         "variant_compile": (a.variant_compile == "on") if a.variant_compile else None,
         "dedicated": a.dedicated, "dedicated_cell": a.dedicated_cell, "threads": a.threads,
+        "profile": a.profile,
         "compile_student": (a.compile_student == "on") if a.compile_student else None,
     }
     preset.update({k: v for k, v in overrides.items() if v is not None})
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = Config(preset=a.preset, device=device, teacher_mode=a.teacher_mode,
-                 teacher_compile=a.teacher_compile, jpeg_path=a.jpeg_path, out=a.out,
+                 teacher_compile=a.teacher_compile, teacher_fp8=a.teacher_fp8 == "on",
+                 jpeg_path=a.jpeg_path, out=a.out,
                  **preset)
     cfg.students = [ALIASES.get(s, s) for s in cfg.students]
     cfg.teacher_arch = ALIASES.get(cfg.teacher_arch, cfg.teacher_arch)
@@ -323,14 +334,14 @@ class TeacherBank:
                     self.encoders.append(create_encoder(arch, img).eval())
         self.grow = grow
 
-    def fast(self, m: int, device, dtype, mode: str, compile_):
+    def fast(self, m: int, device, dtype, mode: str, compile_, fp8: bool = False):
         from dmt.models import FrozenTeacher, TeacherEnsemble
         from dmt.models.fast import optimize_teachers
         self.grow(m)
         ens = TeacherEnsemble([FrozenTeacher(copy.deepcopy(e).to(device), f"t{i}", dtype)
                                for i, e in enumerate(self.encoders[:m])])
         stack = {"auto": "auto", "loop": "never", "stacked": "always"}[mode]
-        return optimize_teachers(ens, dtype, compile=compile_, stack=stack)
+        return optimize_teachers(ens, dtype, compile=compile_, stack=stack, fp8=fp8)
 
     def reference(self, m: int, device):
         self.grow(m)
@@ -377,8 +388,8 @@ def build_fast(cfg: Config, bank: TeacherBank, student_arch: str, m: int, batch:
     from dmt.methods.dmt import DMT
     from dmt.placement import Colocated
     dtype = DTYPES[cfg.precision]
-    teachers = bank.fast(m, device, dtype, teacher_choice["mode"], teacher_choice["compile"]) \
-        if m else None
+    teachers = bank.fast(m, device, dtype, teacher_choice["mode"], teacher_choice["compile"],
+                         teacher_choice.get("fp8", False)) if m else None
     dim = teachers.embed_dim if m else vit_shape(bank.arch, cfg.img_size).width
     student = _student(student_arch, dim, cfg.img_size)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.05,
@@ -573,22 +584,53 @@ def teacher_variants(cfg: Config, bank: TeacherBank, device, batch: int) -> list
               if amp_dtype != torch.float32 else "reference (fp32, no_grad)", m,
               mode="reference", compile=False)
         del ref
+        baseline = None  # the plain loop's targets: what fp8 variants are compared with
+        kinds = [("loop", False), ("stacked", False)]
+        fp8_blocker = _fp8_blocker(cfg, device)
+        if fp8_blocker:
+            out.append({"variant": "fp8", "teachers": m, "mode": "loop", "fp8": True,
+                        "skipped": fp8_blocker})
+            print(f"  teachers x{m} fp8 variants skipped: {fp8_blocker}", flush=True)
+        else:
+            kinds.append(("loop", True))
         for compile_ in compiles:
-            for mode in ("loop", "stacked"):
-                label = f"{cfg.precision} {mode}" + (f" +compile({compile_})" if compile_ is not
-                                                     True and compile_ else
-                                                     " +compile" if compile_ else "")
+            for mode, fp8 in kinds:
+                label = f"{cfg.precision} {mode}" + (" +fp8" if fp8 else "") + (
+                    f" +compile({compile_})" if compile_ is not True and compile_ else
+                    " +compile" if compile_ else "")
                 try:
-                    fast = bank.fast(m, device, dtype, mode, compile_)
-                    timed(lambda: fuse_teachers(fast(images)), label, m, mode=mode,
-                          compile=compile_)
+                    fast = bank.fast(m, device, dtype, mode, compile_, fp8)
+                    row = timed(lambda: fuse_teachers(fast(images)), label, m, mode=mode,
+                                compile=compile_, fp8=fp8)
+                    targets = fuse_teachers(fast(images)).float()
+                    if baseline is None:
+                        baseline = targets
+                    elif fp8:
+                        row.update(_target_error(baseline, targets))
+                        print(f"    vs {cfg.precision} loop: KL {row['target_kl']:.2e} nats/token,"
+                              f" relative error {row['target_rel_error']:.3f}", flush=True)
                 except Exception as err:  # noqa: BLE001 - a failed variant is a result too
                     print(f"  teachers x{m} {label}: failed: {str(err)[:200]}", flush=True)
-                    out.append({"variant": label, "teachers": m, "mode": mode,
+                    out.append({"variant": label, "teachers": m, "mode": mode, "fp8": fp8,
                                 "compile": compile_, "error": str(err)[:500]})
-                fast = None
+                fast = targets = None
                 _cleanup(device)
     return out
+
+
+def _fp8_blocker(cfg: Config, device) -> str | None:
+    from dmt.models.fp8 import fp8_unsupported
+    if cfg.precision != "bf16":
+        return f"fp8 teachers write bf16; this run's precision is {cfg.precision}"
+    return fp8_unsupported(device)
+
+
+def _target_error(reference: torch.Tensor, approx: torch.Tensor) -> dict:
+    """How far approximate fused targets are from the reference ones, as the TFD loss sees
+    them (KL of the per-token channel softmaxes) and as numbers (relative Frobenius error)."""
+    p, q = reference.log_softmax(-1), approx.log_softmax(-1)
+    return {"target_kl": (p.exp() * (p - q)).sum(-1).mean().item(),
+            "target_rel_error": ((approx - reference).norm() / reference.norm()).item()}
 
 
 def choose_teachers(cfg: Config, variants: list[dict]) -> dict:
@@ -596,7 +638,8 @@ def choose_teachers(cfg: Config, variants: list[dict]) -> dict:
     mode = cfg.teacher_mode
     compile_ = {"on": True, "off": False, "auto": "auto"}.get(cfg.teacher_compile,
                                                               cfg.teacher_compile)
-    fast = [v for v in variants if v["mode"] != "reference" and "error" not in v]
+    fast = [v for v in variants if v["mode"] != "reference" and "error" not in v
+            and "skipped" not in v and v.get("fp8", False) == cfg.teacher_fp8]
     if fast:
         candidates = [v for v in fast if (mode == "auto" or v["mode"] == mode)
                       and (compile_ == "auto" or v["compile"] == compile_)]
@@ -608,7 +651,35 @@ def choose_teachers(cfg: Config, variants: list[dict]) -> dict:
         why = "forced or default (no variants measured)"
         mode = "auto" if mode == "auto" else mode
         compile_ = False if compile_ == "auto" else compile_
-    return {"mode": mode, "compile": compile_, "why": why}
+    if cfg.teacher_fp8:
+        mode = "loop"  # fp8 runs per teacher
+        blocker = _fp8_blocker(cfg, torch.device(cfg.device))
+        if blocker:
+            raise SystemExit(f"--teacher-fp8 on: {blocker}")
+    return {"mode": mode, "compile": compile_, "fp8": cfg.teacher_fp8, "why": why}
+
+
+# --------------------------------------------------------------------------- profile
+def profile_cell(cfg: Config, bank: TeacherBank, device, choice: dict, rows: list[dict],
+                 fixed_batch: int | None, student_dtype) -> dict:
+    """The fast step of one cell under torch.profiler, at the matrix's micro-batch."""
+    from benchmarks.profiling import profile_steps
+    student_arch, m = _cell(cfg.profile)
+    batch = fixed_batch or next((r["micro_batch"] for r in rows if r["path"] == "fast" and
+                                 (r["student"], r["teachers"]) == (student_arch, m)), 64)
+    print(f"profile {SHORT.get(student_arch, student_arch)} + {m} teachers, batch {batch}:",
+          flush=True)
+    step, keep = build_fast(cfg, bank, student_arch, m, batch, device, choice)
+    batches = make_batches("synthetic", cfg, batch, device, student_dtype)
+    result = profile_steps(step, batches, lambda: Phases(device), cfg.profile_steps, device)
+    del step, keep, batches
+    _cleanup(device)
+    for category, ms in result["by_category_ms"].items():
+        print(f"  {category:<22} {ms:9.1f} ms/step", flush=True)
+    if result["device_busy"] is not None:
+        print(f"  GPU busy {100 * result['device_busy']:.0f}% of the step", flush=True)
+    return {"student": student_arch, "teachers": m, "micro_batch": batch,
+            "teacher_path": choice if m else None, **result}
 
 
 # --------------------------------------------------------------------------- dedicated
@@ -636,7 +707,8 @@ def placement_worker(rank: int, world: int, port: int, spec: dict, out_dir: str)
     kind, t_ranks, m, batch = spec["kind"], spec["teacher_ranks"], spec["m"], spec["batch"]
     is_teacher = kind == "dedicated" and rank >= world - t_ranks
     dtype = DTYPES[cfg.precision]
-    teachers = bank.fast(m, device, dtype, spec["choice"]["mode"], spec["choice"]["compile"]) \
+    teachers = bank.fast(m, device, dtype, spec["choice"]["mode"], spec["choice"]["compile"],
+                         spec["choice"].get("fp8", False)) \
         if (kind == "colocated" or is_teacher) else None
     method = DMT(None, teachers, DistillationLoss())
     placement = build_placement(kind, t_ranks, method, micro_batch=batch, device=device)
@@ -862,7 +934,12 @@ def main(argv=None) -> Path:
         print(f"  fast {fast['images_per_s']:.1f} img/s, reference {ref['images_per_s']:.1f} "
               f"img/s (batch {batch}/{ref_batch}): {speedup:.2f}x", flush=True)
 
-    # --- 3. placements on several ranks (same hardware, both placements)
+    # --- 3. where the time goes in one cell
+    profile = None
+    if cfg.profile:
+        profile = profile_cell(cfg, bank, device, choice, rows, fixed_batch, student_dtype)
+
+    # --- 4. placements on several ranks (same hardware, both placements)
     placement_rows = []
     if cfg.dedicated:
         print(f"placements ({cfg.dedicated} teacher:student ranks, cell {cfg.dedicated_cell}):",
@@ -880,7 +957,7 @@ def main(argv=None) -> Path:
         "matmul_rates": matmul_rates,
         "config": {k: v for k, v in asdict(cfg).items() if k != "notes"},
         "teacher_variants": variants, "teacher_choice": choice,
-        "rows": rows, "placement_rows": placement_rows,
+        "rows": rows, "placement_rows": placement_rows, "profile": profile,
         "notes": cfg.notes + _notes(cfg, device),
     }
     out = Path(cfg.out) if cfg.out else RESULTS_DIR / f"throughput_{cfg.preset}_{device.type}.json"

@@ -24,6 +24,7 @@ _DECLARED_TYPES: dict[str, tuple[type, ...]] = {
     "optim.clip_grad": (float, int),
     "method.teachers": (list,),
     "teacher_runtime.compile": (bool, str),
+    "data.probe_cache": (str, bool),  # YAML reads a bare `off` as false
 }
 TEACHER_DEFAULTS = {"name": None, "kind": None, "checkpoint": None,
                     "arch": "vit_base_patch16_224", "weight": 1.0}
@@ -206,6 +207,11 @@ def validate_types(cfg: dict) -> None:
     if bad_terms or not cfg["method"]["losses"]:
         raise ConfigError(f"method.losses must be a non-empty subset of [tfd, sfd], "
                           f"got {cfg['method']['losses']}")
+    runtime = cfg["teacher_runtime"]
+    if runtime["fp8"] and (runtime["dtype"] != "bfloat16" or runtime["stack"] == "always"):
+        raise ConfigError("teacher_runtime.fp8=true needs teacher_runtime.dtype=bfloat16 and "
+                          f"stack auto or never, got dtype={runtime['dtype']}, "
+                          f"stack={runtime['stack']}")
     for i, t in enumerate(cfg["teachers"]):
         for field, types in (("name", (str,)), ("arch", (str,)), ("weight", (float, int)),
                              ("checkpoint", (str, type(None)))):

@@ -119,9 +119,11 @@ def test_grey_cmyk_and_rgba_images_decode_to_rgb(backend, source, messy, request
     loader = build_loader(backend, path, 4, image_size=48, crop_scale=(1.0, 1.0),
                           color_jitter=(0, 0, 0), num_workers=1 if backend != "torch" else 0,
                           drop_last=False, mean=(0, 0, 0), std=(1, 1, 1))
-    # Index -> file: the folder's files in scan order, less (dali, ffcv) the rejected ones.
+    # Index -> file: the folder's files in scan order, less (dali, ffcv) the rejected ones
+    # (dot-files, such as DALI's probe cache, are never images of the folder).
     files = [str(f) for f in loader.folder.files] if backend == "torch" else \
-        [str(f) for f in sorted(messy.iterdir()) if str(f) not in bad_paths(messy) and f.suffix != ".txt"]
+        [str(f) for f in sorted(messy.iterdir()) if str(f) not in bad_paths(messy)
+         and f.suffix != ".txt" and not f.name.startswith(".")]
     views = {}
     for batch in loader:
         for i, view in zip(batch["index"].tolist(), batch["teacher"]):

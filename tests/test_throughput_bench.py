@@ -19,7 +19,8 @@ def test_benchmark_and_report_end_to_end(tmp_path):
            "--students", "T", "--teacher-arch", "T", "--teacher-counts", "0,2",
            "--img-size", "32", "--micro-batch", "2", "--steps", "2", "--warmup", "1",
            "--teacher-variants", "2", "--data", "synthetic", "--data-probe", "",
-           "--dedicated", "1:1", "--dedicated-cell", "T:2", "--out", str(out)]
+           "--dedicated", "1:1", "--dedicated-cell", "T:2", "--profile", "T:2",
+           "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -45,6 +46,24 @@ def test_benchmark_and_report_end_to_end(tmp_path):
     assert {"fp32 loop", "fp32 stacked"} <= variants
     assert result["teacher_choice"]["mode"] in ("loop", "stacked")
 
+    prof = result["profile"]
+    assert (prof["student"], prof["teachers"], prof["micro_batch"]) == (
+        "vit_tiny_patch16_224", 2, 2)
+    # Count the linears by hand: forward, each of the 12 blocks has 4 (qkv, proj, fc1, fc2)
+    # in the student and in each of the 2 teachers (one addmm each, or, stacked, one baddbmm
+    # for both teachers), plus the student's adapter; backward, only the student's 49
+    # linears have two products each (input and weight gradients): the teachers keep no graph.
+    calls = {op["name"]: op["calls_per_step"] for op in prof["top_ops"]}
+    if result["teacher_choice"]["mode"] == "stacked":
+        assert (calls.get("aten::addmm"), calls.get("aten::baddbmm")) == (4 * 12 + 1, 4 * 12)
+    else:
+        assert calls.get("aten::addmm") == 4 * 12 * (1 + 2) + 1, calls
+    assert calls.get("aten::mm") == 2 * (4 * 12 + 1), calls
+    kinds = prof["by_category_ms"]
+    assert kinds["matmul"] > 0 and kinds["attention"] > 0, kinds
+    assert abs(sum(kinds.values()) - prof["busy_ms_per_step"]) < 0.01 * prof["busy_ms_per_step"] + 0.01
+    assert prof["top_ops"] and prof["busy_ms_per_step"] <= 1.05 * prof["wall_ms_per_step"]
+
     placements = {r["placement"]: r for r in result["placement_rows"]}
     assert set(placements) == {"colocated", "dedicated"}
     assert placements["dedicated"]["teacher_ranks"] == 1
@@ -56,5 +75,52 @@ def test_benchmark_and_report_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (tmp_path / "cost_vs_teachers_cpu_cpu.md").read_text()
     assert "| ViT-T | 2 |" in md and "Teacher execution variants" in md
+    assert "## Where the time goes" in md and "| matmul |" in md
     png = tmp_path / "cost_vs_teachers_cpu_cpu.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_benchmark_measures_fp8_teachers_and_runs_them(tmp_path):
+    from dmt.models.fp8 import fp8_unsupported
+    reason = fp8_unsupported(__import__("torch").device("cpu"))
+    if reason:
+        pytest.skip(f"no FP8 matmul on this CPU build: {reason}")
+    out = tmp_path / "throughput_fp8_cpu.json"
+    cmd = [sys.executable, "benchmarks/throughput.py", "--preset", "cpu", "--device", "cpu",
+           "--students", "T", "--teacher-arch", "T", "--teacher-counts", "1",
+           "--img-size", "32", "--micro-batch", "2", "--steps", "1", "--warmup", "1",
+           "--precision", "bf16", "--teacher-variants", "1", "--variant-compile", "off",
+           "--data", "synthetic", "--data-probe", "", "--dedicated", "", "--teacher-fp8", "on",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    variants = {v["variant"]: v for v in result["teacher_variants"]}
+    fp8 = variants["bf16 loop +fp8"]
+    # e4m3 keeps 3 mantissa bits: the targets move by a few percent, not by nothing, not wildly.
+    assert 0.005 < fp8["target_rel_error"] < 0.2 and 0 < fp8["target_kl"] < 0.05
+    assert "target_kl" not in variants["bf16 stacked"]
+    assert result["teacher_choice"]["fp8"] is True
+    fast = next(r for r in result["rows"] if r["path"] == "fast")
+    assert fast["teacher_path"]["fp8"] is True
+
+
+def test_profile_categories_cover_cpu_ops_and_gpu_kernels():
+    sys.path.insert(0, str(REPO))
+    from benchmarks.profiling import categorise
+    expected = {
+        "aten::addmm": "matmul", "aten::mm": "matmul", "aten::baddbmm": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopB_TNT": "matmul",
+        "aten::_scaled_mm": "fp8 matmul",
+        "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>": "attention",
+        "ncclDevKernel_AllReduce_Sum_bf16_RING_LL": "communication",
+        "aten::_fused_adamw_": "optimizer",
+        "aten::native_layer_norm": "softmax / norm", "aten::_log_softmax": "softmax / norm",
+        "Memcpy HtoD (Pageable -> Device)": "memory copy",
+        "aten::gelu": "elementwise / other", "aten::add_": "elementwise / other",
+    }
+    assert {name: categorise(name) for name in expected} == expected

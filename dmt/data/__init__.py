@@ -23,17 +23,23 @@ BACKENDS = {
     "ffcv": ("dmt.data.ffcv_backend", "FFCVLoader", "ffcv"),
     "synthetic": ("dmt.data.synthetic_backend", "SyntheticLoader", None),
 }
+PROBING = {"dali"}  # backends that probe every file up front (dmt.data.probe)
 
 
 def build_loader(backend: str, path, batch_size: int, image_size: int = 224,
                  crop_scale=(0.2, 1.0), color_jitter=(0.4, 0.4, 0.4), seed: int = 0,
                  rank: int = 0, world_size: int = 1, device="cpu", drop_last: bool = True,
-                 num_workers=None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> DualViewLoader:
+                 num_workers=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 probe_cache="auto", shard_probe: bool = True) -> DualViewLoader:
     """A loader of dual-view batches from `backend` ("dali", "ffcv", "torch", "synthetic").
 
     path: image folder (torch, dali), .beton file (ffcv), sample count or None (synthetic).
     Each batch: "teacher", "student" float32 [batch_size, 3, image_size, image_size],
     normalised with mean/std, on `device`; "index", "label" int64 [batch_size].
+    probe_cache, shard_probe (dali, which probes every file up front): where the probe
+    index is kept ("auto", a file, or "off"; see dmt.data.probe.cache_path), and whether
+    the ranks of an initialised process group split the probe. With shard_probe, the
+    first dali loader of a folder is a collective: build it on every rank.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown data backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -50,9 +56,10 @@ def build_loader(backend: str, path, batch_size: int, image_size: int = 224,
     spec = ViewSpec(image_size=int(image_size), crop_scale=tuple(map(float, crop_scale)),
                     color_jitter=tuple(map(float, color_jitter)), seed=int(seed),
                     mean=tuple(map(float, mean)), std=tuple(map(float, std)))
+    probing = {"probe_cache": probe_cache, "shard_probe": shard_probe} if backend in PROBING else {}
     return getattr(module, class_name)(path, batch_size, spec=spec, seed=seed, rank=rank,
                                        world_size=world_size, device=device,
-                                       drop_last=drop_last, num_workers=num_workers)
+                                       drop_last=drop_last, num_workers=num_workers, **probing)
 
 
 __all__ = ["build_loader", "write_sample_images", "scan_image_folder", "DualViewLoader",

@@ -11,10 +11,13 @@ the thread count or resume point; only the resampling kernel differs (DALI's cub
 with antialiasing vs PIL's bicubic).
 
 Bad files: a DALI pipeline cannot skip a file at run time (a decode error stops it),
-so the folder is probed up front (dmt.data.images.probe_files: header + a 1/8-scale
-decode of JPEGs, in parallel). Undecodable files are left out and counted in
-`skipped` / `skipped_files`, with a warning naming each. Greyscale, CMYK and RGBA
-files are decoded to RGB. EXIF orientation is ignored, as PIL does.
+so the folder is probed up front (header + a 1/8-scale decode of JPEGs, in parallel),
+by dmt.data.probe: split across the ranks of the process group and cached in an index
+keyed by path, size and mtime, so a later launch probes only new or changed files.
+Building this loader is then a collective (every rank builds one; shard_probe=False
+opts out). Undecodable files are left out and counted in `skipped` /
+`skipped_files`, with a warning naming each. Greyscale, CMYK and RGBA files are
+decoded to RGB. EXIF orientation is ignored, as PIL does.
 """
 import os
 from collections import deque
@@ -25,8 +28,8 @@ import torch
 
 from dmt.data.augment import ViewSpec, crop_boxes, make_views
 from dmt.data.folder import scan_image_folder
-from dmt.data.images import probe_files
 from dmt.data.loader import DualViewLoader
+from dmt.data.probe import probe_folder
 from dmt.data.sampling import ShardedEpochs
 from dmt.errors import DataError
 
@@ -73,23 +76,24 @@ class _BatchFeed:
 
 class DaliFolderLoader(DualViewLoader):
     def __init__(self, path, batch_size, *, spec: ViewSpec, seed=0, rank=0, world_size=1,
-                 device="cpu", drop_last=True, num_workers=None):
+                 device="cpu", drop_last=True, num_workers=None, probe_cache="auto",
+                 shard_probe=True):
         folder = scan_image_folder(path)
         threads = num_workers or min(8, os.cpu_count() or 1)
-        sizes, bad = probe_files(folder.files, num_threads=max(threads, 4))
-        keep = [i for i, s in enumerate(sizes) if s is not None]
-        if not keep:
+        probe = probe_folder(folder, cache=probe_cache, num_threads=max(threads, 4),
+                             shard=shard_probe)
+        keep = np.flatnonzero(probe.decodable)
+        if len(keep) == 0:
             raise DataError(f"image folder {str(folder.root)!r}: none of its "
                             f"{len(folder)} image files can be decoded")
         super().__init__(ShardedEpochs(len(keep), batch_size, seed, rank, world_size, drop_last),
                          spec, device)
-        for file, reason in bad:
+        for file, reason in probe.bad:
             self._note_skipped(file, reason)
         self.folder = folder
         self.files = [str(folder.files[i]) for i in keep]
-        self.labels = np.asarray([folder.labels[i] for i in keep], dtype=np.int64)
-        self.heights = np.asarray([sizes[i][0] for i in keep], dtype=np.int64)
-        self.widths = np.asarray([sizes[i][1] for i in keep], dtype=np.int64)
+        self.labels = np.asarray(folder.labels, dtype=np.int64)[keep]
+        self.heights, self.widths = probe.heights[keep], probe.widths[keep]
 
         on_gpu = self.device.type == "cuda"
         if on_gpu and not torch.cuda.is_available():

@@ -1,7 +1,8 @@
 """Decoding with PIL: anything decodable becomes RGB; anything else is 'undecodable'.
 
-Used by the torch backend at run time, and up front by the DALI backend and the
-.beton writer (which cannot skip a file once their pipelines run).
+Used by the torch backend at run time, and up front by the DALI backend (through
+dmt.data.probe: sharded across ranks, cached) and the .beton writer, which cannot skip
+a file once their pipelines run.
 """
 from concurrent.futures import ThreadPoolExecutor
 
@@ -46,19 +47,27 @@ def probe_image(path) -> tuple:
     return height, width
 
 
+def probe_one(path) -> tuple:
+    """(size, None, True) for a decodable image, else (None, reason, lasting).
+
+    lasting is False for an OS-level failure to read the file (permissions, an I/O
+    error, a file that vanished: errors carrying an errno), which a later attempt may
+    not repeat; PIL's own verdicts (unidentified, truncated, broken) carry no errno.
+    """
+    try:
+        return probe_image(path), None, True
+    except UNDECODABLE_ERRORS as error:
+        lasting = not (isinstance(error, OSError) and error.errno is not None)
+        return None, f"{type(error).__name__}: {error}", lasting
+
+
 def probe_files(paths, num_threads: int = 8):
     """Probe many files in parallel (PIL releases the GIL while decoding).
 
     Returns (sizes, bad): sizes[i] = (height, width) or None; bad = [(path, reason)].
     """
-    def probe(path):
-        try:
-            return probe_image(path), None
-        except UNDECODABLE_ERRORS as error:
-            return None, f"{type(error).__name__}: {error}"
-
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
-        results = list(pool.map(probe, paths))
-    sizes = [size for size, _ in results]
-    bad = [(str(p), why) for p, (_, why) in zip(paths, results) if why is not None]
+        results = list(pool.map(probe_one, paths))
+    sizes = [size for size, _, _ in results]
+    bad = [(str(p), why) for p, (_, why, _) in zip(paths, results) if why is not None]
     return sizes, bad

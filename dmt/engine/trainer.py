@@ -121,7 +121,7 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     else:
         teachers = optimize_teachers(build_teachers(cfg, info.device, warn=log.warn),
                                      DTYPES[runtime["dtype"]], compile=runtime["compile"],
-                                     stack=runtime["stack"])
+                                     stack=runtime["stack"], fp8=runtime["fp8"])
     student = build_student(cfg, teachers.embed_dim)
     if student.num_tokens != teachers.num_tokens:
         raise ConfigError(f"student {cfg['model']['arch']} gives {student.num_tokens} tokens, the "
@@ -139,7 +139,8 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
                             crop_scale=tuple(data["crop_scale"]),
                             color_jitter=tuple(data["color_jitter"]), seed=run_cfg["seed"],
                             rank=rank, world_size=world_size, device=str(info.device),
-                            num_workers=data["num_workers"])  # ImageNet statistics
+                            num_workers=data["num_workers"],
+                            probe_cache=data["probe_cache"])  # ImageNet statistics
 
     shards = (placement.data_shards if placement.role == "teacher"
               else [(placement.data_rank, placement.data_world_size)])

@@ -1,0 +1,265 @@
+"""The up-front probe of an image folder (DALI): cached across launches by (path, size,
+mtime), split across gloo ranks, and robust to a damaged cache. Expectations come from
+PIL directly and from the names of the files the tests corrupt."""
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+from datetime import timedelta
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dmt.config import load_config
+from dmt.data import build_loader, probe, write_sample_images
+from dmt.data.folder import scan_image_folder
+from dmt.errors import ConfigError
+
+BAD = ("truncated.jpg", "empty.jpg")
+
+
+def _make_folder(folder):
+    write_sample_images(folder, num_images=10, size=48, num_classes=2)
+    good = sorted(folder.rglob("*.jpg"))
+    data = good[0].read_bytes()
+    (folder / "class_0" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "class_1" / "empty.jpg").write_bytes(b"")
+    return folder
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return _make_folder(tmp_path / "images")
+
+
+def expected(folder):
+    """(heights, widths, bad names) straight from PIL and from what the tests corrupted."""
+    files = scan_image_folder(folder).files
+    heights, widths = [], []
+    for f in files:
+        if f.name in BAD:
+            heights.append(0), widths.append(0)
+            continue
+        with Image.open(f) as image:
+            widths.append(image.width), heights.append(image.height)
+    return heights, widths, {str(f) for f in files if f.name in BAD}
+
+
+class Counter:
+    """Counts the decodes: wraps dmt.data.images.probe_image (thread-safe)."""
+
+    def __init__(self, monkeypatch):
+        from dmt.data import images
+        self.paths, self._lock, real = [], threading.Lock(), images.probe_image
+
+        def counting(path):
+            with self._lock:
+                self.paths.append(os.path.basename(path))
+            return real(path)
+        monkeypatch.setattr(images, "probe_image", counting)
+
+    def take(self) -> list:
+        paths, self.paths = sorted(self.paths), []
+        return paths
+
+
+def run(folder, cache):
+    return probe.probe_folder(scan_image_folder(folder), cache=cache, num_threads=2)
+
+
+def same(a, b) -> bool:
+    return (np.array_equal(a.heights, b.heights) and np.array_equal(a.widths, b.widths)
+            and a.bad == b.bad)
+
+
+def check_against_pil(result, folder):
+    heights, widths, bad = expected(folder)
+    assert result.heights.tolist() == heights and result.widths.tolist() == widths
+    assert {path for path, _ in result.bad} == bad
+    assert all(reason for _, reason in result.bad)
+
+
+def test_second_launch_reads_the_cache_and_decodes_nothing(folder, monkeypatch):
+    calls = Counter(monkeypatch)
+    first = run(folder, "auto")
+    n = len(scan_image_folder(folder))
+    assert len(calls.take()) == n and first.probed == n
+    assert (folder / probe.CACHE_NAME).is_file()
+    check_against_pil(first, folder)
+
+    second = run(folder, "auto")
+    assert calls.take() == [] and second.probed == 0
+    assert same(first, second)
+    check_against_pil(second, folder)
+
+
+def test_changed_new_and_removed_files(folder, monkeypatch):
+    cache = folder.parent / "index.json"
+    calls = Counter(monkeypatch)
+    run(folder, str(cache))
+    calls.take()
+    files = sorted((folder / "class_1").glob("img_*.jpg"))
+    changed, removed = files[0], files[1]
+    Image.new("RGB", (33, 21), (200, 30, 30)).save(changed, quality=80)  # other size, bytes
+    removed.unlink()
+    shutil.copy(files[2], folder / "class_0" / "new.jpg")
+
+    third = run(folder, str(cache))
+    assert calls.take() == sorted([changed.name, "new.jpg"])
+    assert third.probed == 2
+    check_against_pil(third, folder)  # the corrupt files still named, now from the cache
+    index = json.loads(cache.read_text())
+    assert removed.relative_to(folder).as_posix() not in index["files"]
+    assert "class_0/new.jpg" in index["files"]
+    row = index["files"].index(changed.relative_to(folder).as_posix())
+    assert (index["height"][row], index["width"][row]) == (21, 33)
+    assert index["bytes"][row] == changed.stat().st_size
+    assert run(folder, str(cache)).probed == 0 and calls.take() == []
+
+
+def test_a_read_error_is_reported_but_not_remembered(folder, monkeypatch):
+    """An I/O error (errno set) may not repeat: that file is probed again next launch."""
+    import errno
+
+    from dmt.data import images
+    victim = sorted((folder / "class_0").glob("img_*.jpg"))[0]
+    real = images.probe_image
+
+    def flaky(path):
+        if os.path.basename(path) == victim.name:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real(path)
+    monkeypatch.setattr(images, "probe_image", flaky)
+    first = run(folder, "auto")
+    assert str(victim) in {path for path, _ in first.bad}
+    monkeypatch.setattr(images, "probe_image", real)
+    calls = Counter(monkeypatch)
+    second = run(folder, "auto")
+    assert calls.take() == [victim.name] and second.probed == 1
+    check_against_pil(second, folder)
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b'{"format": "dmt-probe-cache", "version": 1, '
+                                    b'"files": ["a.jpg"], "bytes": [], "mtime_ns": [1], '
+                                    b'"height": [1], "width": [1], "reasons": {}}',
+                                    b"\xff\xfe\x00garbage", b"[1, 2, 3]"])
+def test_a_damaged_cache_is_ignored_with_a_warning(folder, monkeypatch, caplog, damage):
+    cache = folder / probe.CACHE_NAME
+    cache.write_bytes(damage)
+    calls = Counter(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="dmt.data.probe"):
+        result = run(folder, "auto")
+    assert "ignoring the probe cache" in caplog.text and str(cache) in caplog.text
+    assert len(calls.take()) == len(scan_image_folder(folder))
+    check_against_pil(result, folder)
+    assert json.loads(cache.read_text())["format"] == "dmt-probe-cache"  # replaced by a good one
+    assert run(folder, "auto").probed == 0
+
+
+def test_cache_off_and_cache_locations(folder, monkeypatch, tmp_path):
+    calls = Counter(monkeypatch)
+    n = len(scan_image_folder(folder))
+    for off in ("off", None, False, "null"):
+        assert probe.cache_path(folder, off) is None
+    run(folder, "off"), run(folder, None)
+    assert len(calls.take()) == 2 * n and not (folder / probe.CACHE_NAME).exists()
+    assert probe.cache_path(folder, "auto") == folder / probe.CACHE_NAME
+    assert probe.cache_path(folder, True) == folder / probe.CACHE_NAME
+    assert probe.cache_path(folder, str(tmp_path / "x.json")) == tmp_path / "x.json"
+    # A read-only data folder (root ignores permissions: pretend): the user's cache dir.
+    monkeypatch.setattr(probe.os, "access", lambda path, mode: False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    elsewhere = probe.cache_path(folder, "auto")
+    assert elsewhere.parent == tmp_path / "xdg" / "dmt"
+    run(folder, "auto")
+    assert elsewhere.is_file() and not (folder / probe.CACHE_NAME).exists()
+    calls.take()
+    assert run(folder, "auto").probed == 0 and calls.take() == []
+    with pytest.raises(ConfigError):
+        probe.cache_path(folder, 3)
+
+
+def test_config_key():
+    assert load_config()["data"]["probe_cache"] == "auto"
+    for value, parsed in (("off", False), ("null", None), ("/tmp/p.json", "/tmp/p.json")):
+        assert load_config(overrides=[f"data.probe_cache={value}"])["data"]["probe_cache"] == parsed
+    with pytest.raises(ConfigError, match="data.probe_cache"):
+        load_config(overrides=["data.probe_cache=3"])
+    with pytest.raises(ConfigError, match="did you mean 'data.probe_cache'"):
+        load_config(overrides=["data.probe_cahce=off"])
+
+
+def test_dali_loader_uses_the_cache(folder, monkeypatch):
+    pytest.importorskip("nvidia.dali")
+    calls = Counter(monkeypatch)
+    first = build_loader("dali", folder, 2, image_size=32, num_workers=1, drop_last=False)
+    assert len(calls.take()) == len(scan_image_folder(folder))
+    second = build_loader("dali", folder, 2, image_size=32, num_workers=1, drop_last=False)
+    assert calls.take() == []
+    _, _, bad = expected(folder)
+    assert set(first.skipped_files) == set(second.skipped_files) == bad
+    assert first.files == second.files and np.array_equal(first.heights, second.heights)
+    assert next(iter(second))["teacher"].shape == (2, 3, 32, 32)
+    off = build_loader("dali", folder, 2, image_size=32, num_workers=1, probe_cache="off")
+    assert len(calls.take()) == len(scan_image_folder(folder)) and off.files == first.files
+
+
+# --- two gloo processes ---
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, folder, out_dir):
+    import torch.distributed as dist
+
+    from dmt.data import images
+    from dmt.data import probe as probe_module
+
+    decoded, real = [], images.probe_image
+    images.probe_image = lambda path: decoded.append(os.path.basename(path)) or real(path)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))
+    rounds = []
+    for launch in range(2):  # the second "launch" finds the index rank 0 wrote
+        probe_module._SHARED.clear()  # a new launch is a new process
+        result = run(folder, "auto")
+        # A dedicated teacher rank builds one loader per student it serves: rank 1 probes
+        # twice, rank 0 once; the second probe must not enter a collective (no deadlock).
+        again = run(folder, "auto") if rank == 1 else result
+        rounds.append({"heights": result.heights.tolist(), "widths": result.widths.tolist(),
+                       "bad": result.bad, "probed": result.probed, "decoded": sorted(decoded),
+                       "again_same": same(result, again)})
+        decoded.clear()
+        dist.barrier()
+    dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(rounds, f)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_split_the_probe_and_agree(tmp_path):
+    import torch.multiprocessing as mp
+
+    folder = _make_folder(tmp_path / "images")
+    single = run(folder, "off")  # the one-process result to match
+    mp.start_processes(_worker, args=(2, _free_port(), str(folder), str(tmp_path)), nprocs=2,
+                       start_method="spawn", join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    files = scan_image_folder(folder).files
+    for r, rounds in enumerate(ranks):
+        first, second = rounds
+        for launch in rounds:
+            assert launch["heights"] == single.heights.tolist()
+            assert launch["widths"] == single.widths.tolist()
+            assert [tuple(b) for b in launch["bad"]] == single.bad
+            assert launch["again_same"]
+        assert first["probed"] == len(files)  # both ranks' decodes together
+        assert first["decoded"] == sorted(f.name for f in files[r::2])  # its half only
+        assert second["probed"] == 0 and second["decoded"] == []
+    check_against_pil(single, folder)
