@@ -2,6 +2,7 @@
 
     python benchmarks/report.py                                   # every throughput_*.json
     python benchmarks/report.py benchmarks/results/throughput_gpu_cuda.json
+    python benchmarks/report.py --merge benchmarks/results/throughput_gpu_cuda.json part*.json
 
 Writes benchmarks/results/cost_vs_teachers_<preset>_<device>.md and .png next to the
 JSON: images/s and peak memory against the number of teachers, per student size, for the
@@ -245,7 +246,11 @@ def write_report(json_path: Path) -> tuple[Path, Path]:
            f"{cfg.get('threads') or m['torch_threads']}, load average at start "
            f"{m.get('load_average_at_start')}"),
         f"- software: {versions}",
-        f"- command: `{result['command']}` ({result['timestamp']}, {result['wall_s']} s)",
+        f"- command: `{result['command']}` ({result['timestamp']}, {result['wall_s']} s)"
+        if not result.get("parts") else
+        f"- {len(result['parts'])} runs merged ({result['wall_s']} s in all): " + "; ".join(
+            f"`{part['command']}` ({part['config']['steps']} steps after "
+            f"{part['config']['warmup']})" for part in result["parts"]),
         f"- shapes: {cfg['img_size']} px, teachers {cfg['teacher_arch']}, precision "
         f"{cfg['precision']} (reference: {cfg['reference_precision']}"
         f"{' autocast' if cfg['reference_precision'] != 'fp32' else ''}), ZeRO stage "
@@ -268,17 +273,73 @@ def write_report(json_path: Path) -> tuple[Path, Path]:
     lines += ["", "## Targets", ""] + targets_section(result)
     lines += ["", "## Where the time goes (torch.profiler)", ""] + profile_section(result)
     lines += ["", "## Step-time breakdown (every row)", ""] + breakdown_table(result)
+    if not result.get("complete", True):
+        lines += ["", "**Incomplete run**: the benchmark stopped before the end; the tables "
+                      "hold what it measured until then."]
     if result.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
     md.write_text("\n".join(lines) + "\n")
     return md, png
 
 
+def _key(kind: str, item: dict) -> tuple:
+    if kind == "rows":
+        return (item["student"], item["teachers"], item["placement"], item["data"], item["path"])
+    if kind == "teacher_variants":
+        return (item["teachers"], item["variant"])
+    return (item["placement"], item.get("teacher_ranks"), item.get("student_ranks"),
+            item["student"], item["teachers"])
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One result from runs of parts of the matrix on one machine (a long matrix split into
+    jobs that each fit a time limit). A later part replaces an earlier part's row for the
+    same cell; each part's command, configuration and duration are kept under "parts"."""
+    first = parts[0]
+    for part in parts[1:]:
+        for field in ("gpu", "cpu", "device_type"):
+            if part["machine"].get(field) != first["machine"].get(field):
+                raise SystemExit(f"cannot merge results of different machines: {field} "
+                                 f"{first['machine'].get(field)!r} vs {part['machine'].get(field)!r}")
+        if part["config"]["img_size"] != first["config"]["img_size"] or \
+                part["config"]["precision"] != first["config"]["precision"]:
+            raise SystemExit("cannot merge results of different image sizes or precisions")
+    merged = dict(first)
+    for kind in ("rows", "teacher_variants", "placement_rows"):
+        by_key: dict[tuple, dict] = {}
+        for part in parts:
+            for item in part.get(kind) or []:
+                by_key[_key(kind, item)] = item
+        merged[kind] = list(by_key.values())
+    with_variants = [p for p in parts if p.get("teacher_variants")]
+    merged["teacher_choice"] = (with_variants or parts)[-1].get("teacher_choice")
+    merged["profile"] = next((p["profile"] for p in reversed(parts) if p.get("profile")), None)
+    merged["notes"] = list(dict.fromkeys(n for p in parts for n in p.get("notes", [])))
+    merged["complete"] = all(p.get("complete", True) for p in parts)
+    merged["wall_s"] = round(sum(p["wall_s"] for p in parts), 1)
+    merged["command"] = " && ".join(p["command"] for p in parts)
+    merged["parts"] = [{k: p[k] for k in ("command", "timestamp", "wall_s", "config")}
+                       for p in parts]
+    return merged
+
+
 def main(argv=None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="*", help="throughput JSON files (default: all in "
                                               "benchmarks/results/)")
+    p.add_argument("--merge", metavar="OUT.json",
+                   help="merge the given results (parts of one matrix, same machine) into "
+                        "OUT.json and report that")
     a = p.parse_args(argv)
+    if a.merge:
+        if not a.results:
+            sys.exit("--merge needs the part files to merge")
+        merged = merge_results([json.loads(Path(x).read_text()) for x in a.results])
+        tmp = Path(a.merge + ".tmp")
+        tmp.write_text(json.dumps(merged, indent=2) + "\n")
+        tmp.replace(a.merge)  # never a half-written result
+        print(f"merged {len(a.results)} result(s) into {a.merge}")
+        a.results = [a.merge]
     paths = [Path(x) for x in a.results] or sorted(RESULTS.glob("throughput_*.json"))
     if not paths:
         sys.exit("no throughput results: run benchmarks/throughput.py first")

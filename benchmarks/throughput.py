@@ -24,11 +24,13 @@ Output: benchmarks/results/throughput_<preset>_<device>.json and a rich table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -286,25 +288,37 @@ class LoaderBatches:
                 "index": b["index"]}
 
 
-_JPEG_DIR: dict[int, str] = {}
+_JPEG_DIR: dict[int, str] = {}  # image side -> folder
+
+
+def _jpeg_folder(images: int, side: int) -> str:
+    """>= `images` JPEGs (real photos cut from images shipped in packages, ImageNet-like
+    size): up to 1024 unique ones, then copies (same decode cost, quicker to make). Enough
+    for 16 steps per epoch, so epoch restarts stay out of the measurement; made once and
+    grown for larger batches."""
+    from dmt.data import write_sample_images
+    folder = _JPEG_DIR.get(side)
+    if folder is None:
+        folder = _JPEG_DIR[side] = tempfile.mkdtemp(prefix="dmt_bench_jpeg_")
+        write_sample_images(folder, num_images=min(images, 1024), size=side, num_classes=8)
+    files = sorted(Path(folder).rglob("*.jpg"))
+    unique = [f for f in files if not f.name.startswith("copy")]
+    for n in range(len(files), images):
+        src = unique[n % len(unique)]
+        shutil.copyfile(src, src.with_name(f"copy{n:06d}_{src.name}"))
+    return folder
 
 
 def make_batches(source: str, cfg: Config, batch: int, device, student_dtype):
     if source == "synthetic":
         return StaticBatches(batch, cfg.img_size, device, student_dtype)
-    from dmt.data import build_loader, write_sample_images
+    from dmt.data import build_loader
     if source == "synthetic-loader":
         loader = build_loader("synthetic", None, batch, image_size=cfg.img_size,
                               device=str(device))
         return LoaderBatches(loader, device, student_dtype)
     if source == "jpeg":
-        path = cfg.jpeg_path
-        if path is None:  # real photos cut from images shipped in packages, ImageNet-like size
-            n = batch * 4
-            if n not in _JPEG_DIR:
-                _JPEG_DIR[n] = tempfile.mkdtemp(prefix="dmt_bench_jpeg_")
-                write_sample_images(_JPEG_DIR[n], num_images=n, size=max(2 * cfg.img_size, 160))
-            path = _JPEG_DIR[n]
+        path = cfg.jpeg_path or _jpeg_folder(16 * batch, max(2 * cfg.img_size, 160))
         backend = "torch"
         if device.type == "cuda":
             try:
@@ -358,7 +372,10 @@ def _ds_config(batch: int, precision: str, zero_stage: int, cuda: bool) -> dict:
     return {
         "train_batch_size": batch, "train_micro_batch_size_per_gpu": batch,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": zero_stage, "overlap_comm": cuda},
+        # Buckets sized to small students: DeepSpeed's default (5e8 elements, two bf16
+        # buffers with overlap_comm) would add 2 GB to every step's peak memory.
+        "zero_optimization": {"stage": zero_stage, "overlap_comm": cuda,
+                              "reduce_bucket_size": int(5e7), "allgather_bucket_size": int(5e7)},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 12},
         "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9,
@@ -451,7 +468,9 @@ def measure(step, batches, steps: int, warmup: int, device) -> dict:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    with MemorySampler() as mem:
+    # On GPUs memory comes from the CUDA allocator; a sampling thread would only take the
+    # GIL from the launch loop.
+    with (contextlib.nullcontext() if cuda else MemorySampler()) as mem:
         for _ in range(warmup):
             scratch = Phases(device)
             scratch.start(0.0)
@@ -487,32 +506,48 @@ def _cleanup(device):
         torch.cuda.empty_cache()
 
 
+_OOM_MESSAGES = ("out of memory", "alloc_failed", "not_enough_workspace", "cuda failure 2")
+
+
 def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    """CUDA allocator failures, also those that cuBLAS / cuDNN / NCCL report in their words."""
+    message = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or any(m in message for m in _OOM_MESSAGES)
 
 
-def run_path(builder, cfg: Config, source: str, batch: int, device, student_dtype) -> dict:
+def _release(keep: dict) -> None:
+    """A ZeRO >= 1 engine is kept alive by the gradient hooks DeepSpeed registers (a cycle
+    through C++ that gc cannot see): destroy() removes them, or every cell leaks one."""
+    engine = keep.get("engine")
+    if engine is not None and hasattr(engine, "destroy"):
+        engine.destroy()
+
+
+def run_path(builder, cfg: Config, source: str, batch: int, device, student_dtype,
+             steps: int | None = None, warmup: int | None = None) -> dict:
+    _cleanup(device)  # here, not in an except block, whose traceback pins a failed attempt
     step, keep = builder(batch)
-    batches = make_batches(source, cfg, batch, device, student_dtype)
-    result = measure(step, batches, cfg.steps, cfg.warmup, device)
-    del step, keep, batches
-    _cleanup(device)
-    return result
+    try:
+        batches = make_batches(source, cfg, batch, device, student_dtype)
+        return measure(step, batches, cfg.steps if steps is None else steps,
+                       cfg.warmup if warmup is None else warmup, device)
+    finally:
+        _release(keep)
+        del step, keep
 
 
 def run_path_auto(builder, cfg: Config, source: str, device, student_dtype,
-                  candidates: list[int]) -> tuple[int, dict]:
+                  candidates: list[int], **measure_kw) -> tuple[int, dict]:
     """The largest micro-batch of `candidates` that runs, and its measurement."""
     last = None
     for batch in candidates:
         try:
-            return batch, run_path(builder, cfg, source, batch, device, student_dtype)
+            return batch, run_path(builder, cfg, source, batch, device, student_dtype,
+                                   **measure_kw)
         except Exception as err:  # noqa: BLE001 - only OOM is retried
             if not _is_oom(err):
                 raise
             last = str(err)[:200]  # not the exception: its traceback pins the OOM'd tensors
-            del err
-            _cleanup(device)
     raise RuntimeError(f"no micro-batch in {candidates} fits: {last}")
 
 
@@ -671,7 +706,10 @@ def profile_cell(cfg: Config, bank: TeacherBank, device, choice: dict, rows: lis
           flush=True)
     step, keep = build_fast(cfg, bank, student_arch, m, batch, device, choice)
     batches = make_batches("synthetic", cfg, batch, device, student_dtype)
-    result = profile_steps(step, batches, lambda: Phases(device), cfg.profile_steps, device)
+    try:
+        result = profile_steps(step, batches, lambda: Phases(device), cfg.profile_steps, device)
+    finally:
+        _release(keep)
     del step, keep, batches
     _cleanup(device)
     for category, ms in result["by_category_ms"].items():
@@ -740,7 +778,7 @@ def placement_worker(rank: int, world: int, port: int, spec: dict, out_dir: str)
     phases = Phases(device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    with MemorySampler() as mem:
+    with (contextlib.nullcontext() if cuda else MemorySampler()) as mem:
         for i in range(total):
             if i == cfg.warmup:
                 _sync(device)
@@ -878,22 +916,40 @@ def main(argv=None) -> Path:
     print(f"peak: {peak.source} = {peak.flops / 1e12 if peak.flops else float('nan'):.3f} "
           f"TFLOP/s", flush=True)
 
+    out = Path(cfg.out) if cfg.out else RESULTS_DIR / f"throughput_{cfg.preset}_{device.type}.json"
+    variants, choice, rows, profile, placement_rows = [], None, [], None, []
+
+    def save(complete: bool = False) -> dict:
+        """Written after every part, so a run cut short keeps what it measured."""
+        payload = {
+            "benchmark": "throughput", "preset": cfg.preset, "command": command_line(),
+            "timestamp": timestamp(), "wall_s": round(time.perf_counter() - started, 1),
+            "complete": complete, "machine": machine_description(device),
+            "peak_flops": {"flops": peak.flops, "source": peak.source, "dtype": cfg.precision},
+            "matmul_rates": matmul_rates,
+            "config": {k: v for k, v in asdict(cfg).items() if k != "notes"},
+            "teacher_variants": variants, "teacher_choice": choice,
+            "rows": rows, "placement_rows": placement_rows, "profile": profile,
+            "notes": cfg.notes + _notes(cfg, device),
+        }
+        write_json(out, payload)
+        return payload
+
     bank = TeacherBank(cfg.teacher_arch, cfg.img_size)
     fixed_batch = None if cfg.micro_batch == "auto" else int(cfg.micro_batch)
     if fixed_batch is None and device.type != "cuda":
         raise SystemExit("--micro-batch auto needs a GPU")
 
     # --- 1. teacher variants (evidence for loop / stacked / compile on this device)
-    variants = []
     if cfg.teacher_variants:
         vbatch = fixed_batch or 256
         print(f"teacher variants ({cfg.teacher_arch}, batch {vbatch}):", flush=True)
         variants = teacher_variants(cfg, bank, device, vbatch)
     choice = choose_teachers(cfg, variants)
     print(f"teacher path for the matrix: {choice}", flush=True)
+    save()
 
     # --- 2. the matrix
-    rows = []
     cells = [(s, m, src) for src in cfg.data for s in cfg.students for m in cfg.teacher_counts]
     if cfg.data_probe:
         ps, pm = _cell(cfg.probe_cell)
@@ -909,18 +965,21 @@ def main(argv=None) -> Path:
             return build_reference(cfg, bank, student_arch, m, batch, device)
 
         if fixed_batch is None:
+            candidates = BATCH_CANDIDATES
+            if m and choice["compile"]:
+                # Find the batch with eager teachers (one step each): a compiled teacher
+                # would recompile for every candidate, including those that then run out
+                # of memory.
+                def eager_builder(batch, student_arch=student_arch, m=m):
+                    return build_fast(cfg, bank, student_arch, m, batch, device,
+                                      dict(choice, compile=False))
+                fit, _ = run_path_auto(eager_builder, cfg, source, device, student_dtype,
+                                       candidates, steps=1, warmup=1)
+                candidates = [b for b in BATCH_CANDIDATES if b <= fit]
             batch, fast = run_path_auto(fast_builder, cfg, source, device, student_dtype,
-                                        BATCH_CANDIDATES)
-            try:
-                ref_batch, ref = batch, run_path(ref_builder, cfg, source, batch, device,
-                                                 torch.float32)
-            except Exception as err:  # noqa: BLE001
-                if not _is_oom(err):
-                    raise
-                _cleanup(device)
-                smaller = [b for b in BATCH_CANDIDATES if b < batch]
-                ref_batch, ref = run_path_auto(ref_builder, cfg, source, device, torch.float32,
-                                               smaller)
+                                        candidates)
+            ref_batch, ref = run_path_auto(ref_builder, cfg, source, device, torch.float32,
+                                           [b for b in BATCH_CANDIDATES if b <= batch])
         else:
             batch = ref_batch = fixed_batch
             fast = run_path(fast_builder, cfg, source, batch, device, student_dtype)
@@ -933,35 +992,23 @@ def main(argv=None) -> Path:
                          peak))
         print(f"  fast {fast['images_per_s']:.1f} img/s, reference {ref['images_per_s']:.1f} "
               f"img/s (batch {batch}/{ref_batch}): {speedup:.2f}x", flush=True)
+        save()
 
     # --- 3. where the time goes in one cell
-    profile = None
     if cfg.profile:
         profile = profile_cell(cfg, bank, device, choice, rows, fixed_batch, student_dtype)
+        save()
 
     # --- 4. placements on several ranks (same hardware, both placements)
-    placement_rows = []
     if cfg.dedicated:
         print(f"placements ({cfg.dedicated} teacher:student ranks, cell {cfg.dedicated_cell}):",
               flush=True)
         pbatch = fixed_batch or next((r["micro_batch"] for r in rows
                                       if (r["student"], r["teachers"]) == _cell(cfg.dedicated_cell)
                                       and r["path"] == "fast"), 64)
-        placement_rows = run_placements(cfg, device, choice, pbatch, peak)
+        placement_rows.extend(run_placements(cfg, device, choice, pbatch, peak))
 
-    payload = {
-        "benchmark": "throughput", "preset": cfg.preset, "command": command_line(),
-        "timestamp": timestamp(), "wall_s": round(time.perf_counter() - started, 1),
-        "machine": machine_description(device),
-        "peak_flops": {"flops": peak.flops, "source": peak.source, "dtype": cfg.precision},
-        "matmul_rates": matmul_rates,
-        "config": {k: v for k, v in asdict(cfg).items() if k != "notes"},
-        "teacher_variants": variants, "teacher_choice": choice,
-        "rows": rows, "placement_rows": placement_rows, "profile": profile,
-        "notes": cfg.notes + _notes(cfg, device),
-    }
-    out = Path(cfg.out) if cfg.out else RESULTS_DIR / f"throughput_{cfg.preset}_{device.type}.json"
-    write_json(out, payload)
+    payload = save(complete=True)
     print_table(payload)
     print(f"wrote {out} ({payload['wall_s']} s)")
     return out
@@ -970,6 +1017,11 @@ def main(argv=None) -> Path:
 def _notes(cfg: Config, device) -> list[str]:
     notes = ["MFU counts matmul FLOPs only (dmt.flops): student step = 3 x forward, teachers "
              "forward only; nothing is credited for recomputation."]
+    if device.type == "cuda":
+        notes.append("GPU: 'data ms' is host time waiting for the next batch; GPU work a "
+                     "device-side loader queues (decode, crop, jitter) runs on the step's "
+                     "stream and shows in the other phases. Memory is "
+                     "torch.cuda.max_memory_allocated, reset per path.")
     if device.type == "cpu":
         notes.append("CPU: the peak is a measured fp32 matmul rate, not a data-sheet figure; "
                      "memory is the peak of allocated host bytes (glibc), which includes the "

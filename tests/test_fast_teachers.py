@@ -147,3 +147,24 @@ def test_fused_attention_forced_and_bad_options():
         optimize_teachers(_clone(teachers), torch.int8)
     with pytest.raises(ConfigError):
         optimize_teachers(_clone(teachers), torch.float32, compile=3)
+
+
+def test_compile_wraps_the_whole_teacher_pass_once(images, monkeypatch):
+    # With CUDA graphs each call of a compiled function frees the previous call's outputs,
+    # so one compiled function per teacher would lose the earlier teachers' tokens: the
+    # pass must be a single compiled call.
+    compiled = []
+
+    def spy(fn, **kwargs):
+        compiled.append(kwargs.get("mode"))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", spy)
+    teachers = _teachers(["vit_tiny_patch16_224"] * 3)
+    with torch.inference_mode():
+        reference = _clone(teachers)(images)
+    fast = optimize_teachers(_clone(teachers), torch.float32, compile="reduce-overhead",
+                             stack="never")
+    assert compiled == ["reduce-overhead"] and len(fast.runners) == 3
+    for ref, tokens in zip(reference, fast(images)):
+        torch.testing.assert_close(tokens, ref, rtol=0, atol=0)

@@ -43,7 +43,9 @@ def test_benchmark_and_report_end_to_end(tmp_path):
     assert fast2["speedup_vs_reference"] > 0
     assert fast2["flops_per_image"]["teachers"] > 0
     variants = {v["variant"] for v in result["teacher_variants"]}
-    assert {"fp32 loop", "fp32 stacked"} <= variants
+    assert {"fp32 loop", "fp32 stacked", "fp32 loop +compile"} <= variants
+    assert not [v for v in result["teacher_variants"] if "error" in v]
+    assert result["complete"] is True
     assert result["teacher_choice"]["mode"] in ("loop", "stacked")
 
     prof = result["profile"]
@@ -124,3 +126,33 @@ def test_profile_categories_cover_cpu_ops_and_gpu_kernels():
         "aten::gelu": "elementwise / other", "aten::add_": "elementwise / other",
     }
     assert {name: categorise(name) for name in expected} == expected
+
+
+def _part(machine="NVIDIA H100 80GB HBM3", rows=(), variants=(), profile=None, steps=20):
+    def row(student, m, path, ips):
+        return {"student": student, "teachers": m, "placement": "colocated",
+                "data": "synthetic", "path": path, "images_per_s": ips}
+    return {"machine": {"gpu": machine, "device_type": "cuda"}, "config": {
+                "img_size": 224, "precision": "bf16", "steps": steps, "warmup": 5},
+            "command": f"throughput.py part{len(rows)}", "timestamp": "t", "wall_s": 10.0,
+            "complete": True, "notes": ["n"], "rows": [row(*r) for r in rows],
+            "teacher_variants": [{"teachers": 3, "variant": v} for v in variants],
+            "teacher_choice": {"mode": "loop"} if variants else None,
+            "placement_rows": [], "profile": profile}
+
+
+def test_merge_keeps_every_cell_and_the_later_part_wins():
+    sys.path.insert(0, str(REPO))
+    from benchmarks.report import merge_results
+    a = _part(rows=[("S", 3, "fast", 100.0), ("S", 3, "reference", 50.0)],
+              variants=["bf16 loop", "bf16 stacked"], profile={"student": "S"})
+    b = _part(rows=[("T", 0, "fast", 900.0), ("S", 3, "fast", 120.0)], steps=10)
+    merged = merge_results([a, b])
+    cells = {(r["student"], r["teachers"], r["path"]): r["images_per_s"] for r in merged["rows"]}
+    assert cells == {("S", 3, "fast"): 120.0, ("S", 3, "reference"): 50.0, ("T", 0, "fast"): 900.0}
+    assert [v["variant"] for v in merged["teacher_variants"]] == ["bf16 loop", "bf16 stacked"]
+    assert merged["teacher_choice"] == {"mode": "loop"} and merged["profile"] == {"student": "S"}
+    assert [p["config"]["steps"] for p in merged["parts"]] == [20, 10]
+    assert merged["wall_s"] == 20.0 and merged["notes"] == ["n"]
+    with pytest.raises(SystemExit, match="different machines"):
+        merge_results([a, _part(machine="NVIDIA H200")])

@@ -9,6 +9,7 @@ normalisation in batched tensor ops on whatever device the crops are on.
 Every random parameter is a function of (seed, epoch, sample index) alone
 (dmt.data.rng), so a sample looks the same whatever the worker count or resume point.
 """
+import functools
 import math
 from dataclasses import dataclass
 
@@ -98,9 +99,29 @@ def jitter_factors(spec: ViewSpec, epoch: int, indices) -> np.ndarray:
     return np.stack(columns, axis=1).astype(np.float32)
 
 
+def to_device(host, device) -> torch.Tensor:
+    """A host array (numpy or CPU tensor) as a tensor on `device`.
+
+    On CUDA: pinned + non_blocking, since a copy from pageable memory makes the host
+    wait for the whole GPU queue (the previous step included). The caching host
+    allocator keeps the pinned block until the copy is done. Elsewhere: a plain `.to`.
+    """
+    tensor = torch.as_tensor(host)
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A fixed vector, made once per (values, device, dtype): building it per batch
+    would be a blocking host-to-device copy. Shared: never modify it in place."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _luma(x: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] -> [B, 1, H, W] grey level (also works on [B, 3] channel means)."""
-    weights = torch.tensor(_LUMA, dtype=x.dtype, device=x.device)
+    weights = _constant(_LUMA, x.device, x.dtype)
     return torch.einsum("bc...,c->b...", x, weights).unsqueeze(1)
 
 
@@ -120,9 +141,18 @@ def color_jitter_(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     return x.mul_(saturation).add_((1 - saturation) * grey).clamp_(0, 1)
 
 
+@functools.lru_cache(maxsize=64)
+def _normalize_affine(mean: tuple, std: tuple, device: torch.device, dtype: torch.dtype):
+    """(scale, shift) [1, C, 1, 1] with x * scale + shift = (x - mean) / std, made once
+    per (mean, std, device, dtype) for the same reason as `_constant`."""
+    scale = 1 / _constant(std, device, dtype).view(1, -1, 1, 1)
+    shift = -_constant(mean, device, dtype).view(1, -1, 1, 1) * scale
+    return scale, shift
+
+
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    scale = 1 / torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    shift = -torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) * scale
+    scale, shift = _normalize_affine(tuple(map(float, mean)), tuple(map(float, std)),
+                                     x.device, x.dtype)
     return torch.addcmul(shift, x, scale)  # (x - mean) / std in one pass
 
 
@@ -132,11 +162,11 @@ def make_views(crops: torch.Tensor, spec: ViewSpec, epoch: int, indices) -> tupl
     crops: uint8 (0..255) or float (0..1) [B, 3, S, S], already cropped and resized,
     not yet flipped.
     """
-    mirror = torch.from_numpy(np.flatnonzero(flips(spec, epoch, indices))).to(crops.device)
+    mirror = to_device(np.flatnonzero(flips(spec, epoch, indices)), crops.device)
     crops = crops.index_copy(0, mirror, crops.index_select(0, mirror).flip(-1))
     x = crops.float().div_(255) if crops.dtype == torch.uint8 else crops.float()
     teacher = normalize(x, spec.mean, spec.std)
     if not any(spec.color_jitter):
         return teacher, teacher.clone()
-    factors = torch.from_numpy(jitter_factors(spec, epoch, indices))
+    factors = to_device(jitter_factors(spec, epoch, indices), x.device)
     return teacher, normalize(color_jitter_(x, factors), spec.mean, spec.std)

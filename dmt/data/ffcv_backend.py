@@ -28,7 +28,7 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.reader import Reader
 from ffcv.traversal_order.base import TraversalOrder
 
-from dmt.data.augment import ViewSpec, crop_boxes, make_views
+from dmt.data.augment import ViewSpec, crop_boxes, make_views, to_device
 from dmt.data.loader import DualViewLoader
 from dmt.data.sampling import ShardedEpochs
 from dmt.errors import DataError
@@ -200,7 +200,9 @@ class FFCVLoader(DualViewLoader):
         self._running = self._start_ffcv_epoch()
         try:
             for row, outputs in zip(batches, self._running):
-                crops = torch.from_numpy(outputs[0]).permute(0, 3, 1, 2).to(self.device)
+                # to_device: pinned + non_blocking on GPUs (no wait for the GPU queue); the
+                # pinned copy also frees FFCV's buffer for its next batch at once.
+                crops = to_device(outputs[0], self.device).permute(0, 3, 1, 2)
                 teacher, student = make_views(crops, self.spec, epoch, row)
                 label = (torch.from_numpy(outputs[1].reshape(-1).copy()) if self._has_label
                          else torch.zeros(len(row), dtype=torch.int64))

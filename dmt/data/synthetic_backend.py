@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dmt.data.augment import ViewSpec, crop_boxes, make_views
+from dmt.data.augment import ViewSpec, crop_boxes, make_views, to_device
 from dmt.data.loader import DualViewLoader
 from dmt.data.rng import uniform
 from dmt.data.sampling import ShardedEpochs
@@ -59,8 +59,10 @@ class SyntheticLoader(DualViewLoader):
         theta = torch.zeros(len(indices), 2, 3)
         theta[:, 0, 0], theta[:, 0, 2] = w / canvas, (2 * left + w) / canvas - 1
         theta[:, 1, 1], theta[:, 1, 2] = h / canvas, (2 * top + h) / canvas - 1
-        grid = F.affine_grid(theta.to(self.device), [len(indices), 3, size, size], align_corners=False)
-        content = self._content(indices).to(self.device, non_blocking=True)
+        # Built on the host (seeded), moved pinned + non_blocking: no wait on the GPU queue.
+        grid = F.affine_grid(to_device(theta, self.device), [len(indices), 3, size, size],
+                             align_corners=False)
+        content = to_device(self._content(indices), self.device)
         return F.grid_sample(content, grid, mode="bicubic", padding_mode="border",
                              align_corners=False).clamp_(0, 1)
 

@@ -86,8 +86,11 @@ def _input_affine(teacher: FrozenTeacher) -> tuple[torch.Tensor, torch.Tensor] |
 def stack_blocker(encoder: nn.Module) -> str | None:
     """Why `encoder` cannot be stacked (None when it can): only plain pre-norm ViTs are."""
     from timm.layers import Mlp, PatchEmbed
-    from timm.layers.attention import Attention
     from timm.models.vision_transformer import Block, LayerScale, VisionTransformer
+    try:
+        from timm.layers.attention import Attention
+    except ImportError:  # timm < 1.0.16 kept it in the model file
+        from timm.models.vision_transformer import Attention
 
     if type(encoder) is not VisionTransformer:
         return f"{type(encoder).__name__} is not a plain timm VisionTransformer"
@@ -103,8 +106,10 @@ def stack_blocker(encoder: nn.Module) -> str | None:
         attn, mlp = blk.attn, blk.mlp
         if type(blk) is not Block or type(attn) is not Attention or type(mlp) is not Mlp:
             return f"block {i} is not Block(Attention, Mlp)"
+        # getattr: older timm releases have no attention norm or gate
         if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
-                and isinstance(attn.norm, nn.Identity) and attn.gate is None):
+                and isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity)
+                and getattr(attn, "gate", None) is None):
             return f"block {i} has qk-norm, attention norm or gating"
         if not isinstance(mlp.norm, nn.Identity) or type(mlp.act) is not nn.GELU:
             return f"block {i} MLP is not Linear-GELU-Linear"
@@ -288,8 +293,11 @@ class FastTeachers(nn.Module):
         # Plain records, not modules: `ensemble.teachers[0].mean` keeps working.
         self.teachers = [TeacherInfo(n, m, s, embed_dim, num_tokens, dtype)
                          for n, m, s in zip(names, means, stds)]
-        self._calls = [torch.compile(r, mode=compile_mode, dynamic=False, fullgraph=False)
-                       if compile_mode else r for r in self.runners]
+        # One compiled function for the whole teacher pass, not one per runner: with CUDA
+        # graphs ("reduce-overhead") every call of a compiled function starts a new graph
+        # generation and frees the previous call's outputs, i.e. the earlier teachers' tokens.
+        self._run = (torch.compile(self._run_all, mode=compile_mode, dynamic=False)
+                     if compile_mode else self._run_all)
         self.train(False)
 
     @property
@@ -317,15 +325,18 @@ class FastTeachers(nn.Module):
     def train(self, mode: bool = True):
         return super().train(False)  # frozen for good
 
-    @torch.inference_mode()
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def _run_all(self, images: torch.Tensor) -> list[torch.Tensor]:
         # Each runner casts to its dtype itself, after any input re-normalisation (in the
         # input's precision, as FrozenTeacher does).
         out: list[torch.Tensor | None] = [None] * len(self._names)
-        for slots, call in zip(self.slots, self._calls):
-            for slot, tokens in zip(slots, call(images)):
+        for slots, runner in zip(self.slots, self.runners):
+            for slot, tokens in zip(slots, runner(images)):
                 out[slot] = tokens
         return out
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self._run(images)
 
 
 def _resolve_stack(stack, device_type: str) -> bool:

@@ -41,6 +41,15 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device` without a host sync: a copy from pageable memory to a GPU
+    waits for the whole GPU queue (the previous step included), so pin it first and
+    copy non_blocking (the caching host allocator keeps the pinned block until done)."""
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 class _Wire:
     """Packing of one message: [B int64 indices | B*T*D transfer-dtype targets] as bytes."""
 
@@ -111,7 +120,7 @@ class DedicatedStudent:
             raise ConfigError(f"batch of {n} images exceeds the micro-batch {self.wire.batch}")
         if "index" in batch:
             sent = self.wire.indices(buf)[:n]
-            self._mismatch += (sent != batch["index"].to(sent.device)).sum()
+            self._mismatch += (sent != _to(batch["index"], sent.device)).sum()
         self._steps += 1
         if self._steps % self.check_every == 0:
             self._check()
@@ -169,7 +178,7 @@ class DedicatedTeacher:
         idx, out = self.wire.indices(buf), self.wire.targets(buf)
         idx.fill_(PAD)
         if index is not None:
-            idx[:n].copy_(index)
+            idx[:n].copy_(_to(index, idx.device))
         out[:n].copy_(tokens)  # fp32 -> transfer dtype, straight into the send buffer
         if n < self.wire.batch:
             out[n:].zero_()

@@ -1,0 +1,142 @@
+"""The per-batch data path never makes the host wait for the GPU: constants are made once,
+per-batch host arrays go through pinned memory with non_blocking copies. The CUDA tests
+turn any synchronising call into an error; the CPU tests cover the same code paths."""
+import contextlib
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+
+from dmt.data import augment
+from dmt.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, make_views, normalize, to_device
+from dmt.data.synthetic_backend import SyntheticLoader
+from dmt.placement.dedicated import PAD, DedicatedStudent, DedicatedTeacher, _Wire
+
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: host-device synchronisation only exists there")
+
+SPEC = ViewSpec(image_size=32, seed=5)
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Any call that synchronises the host with the GPU raises inside this block."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+class _Done:
+    def wait(self):
+        pass
+
+
+def _teacher(wire: _Wire, device) -> DedicatedTeacher:
+    """The packing half of a teacher rank, without a process group."""
+    teacher = DedicatedTeacher.__new__(DedicatedTeacher)
+    teacher.wire, teacher.comm_device = wire, torch.device(device)
+    return teacher
+
+
+def _student(wire: _Wire, device, bufs) -> DedicatedStudent:
+    """The receiving half of a student rank, fed `bufs` as if received."""
+    student = DedicatedStudent.__new__(DedicatedStudent)
+    student.rank, student.teacher, student.wire = 0, 1, wire
+    student.device = student.comm_device = torch.device(device)
+    student.check_every, student._steps = 100, 0
+    student._mismatch = torch.zeros((), dtype=torch.int64, device=device)
+    student._pending = deque((buf, _Done()) for buf in bufs)
+    student._post = lambda: None
+    return student
+
+
+def _roundtrip(device):
+    """Teacher packs 3 of 4 slots, student checks indices and unpacks; the index
+    tensors stay on the host as the loaders yield them."""
+    wire = _Wire(batch=4, tokens=2, dim=3, dtype=torch.float32)
+    tokens = torch.arange(18, dtype=torch.float32, device=device).view(3, 2, 3)
+    index = torch.tensor([7, 3, 9])
+    buf = _teacher(wire, device)._pack(tokens, index)
+    student = _student(wire, device, [buf])
+    got = student.targets({"student": torch.zeros(3, device=device), "index": index})
+    return wire, buf, student, tokens, got
+
+
+# --- CPU: the caches and the dedicated index transfer ---
+
+def test_constants_are_made_once_per_values_device_and_dtype():
+    first = augment._constant(augment._LUMA, torch.device("cpu"), torch.float32)
+    assert augment._constant(augment._LUMA, torch.device("cpu"), torch.float32) is first
+    assert first.dtype == torch.float32 and first.device.type == "cpu"
+    assert first.tolist() == torch.tensor(augment._LUMA, dtype=torch.float32).tolist()
+    double = augment._constant(augment._LUMA, torch.device("cpu"), torch.float64)
+    assert double is not first and double.dtype == torch.float64
+
+
+def test_normalize_caches_its_affine_and_accepts_lists():
+    x = torch.rand(2, 3, 4, 4)
+    mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)  # lists: not hashable as given
+    out = normalize(x, mean, std)
+    scale, shift = augment._normalize_affine(IMAGENET_MEAN, IMAGENET_STD, x.device, x.dtype)
+    assert augment._normalize_affine(IMAGENET_MEAN, IMAGENET_STD, x.device, x.dtype)[0] is scale
+    assert scale.shape == shift.shape == (1, 3, 1, 1) and scale.dtype == torch.float32
+    expected = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(out, expected)
+
+
+def test_to_device_on_cpu_keeps_values_and_dtype():
+    array = np.array([[1.5, -2.0]], dtype=np.float32)
+    moved = to_device(array, torch.device("cpu"))
+    assert moved.dtype == torch.float32 and moved.device.type == "cpu"
+    assert moved.tolist() == array.tolist()
+    assert to_device(np.array([4, 2]), "cpu").dtype == torch.int64
+
+
+def test_dedicated_index_transfer_round_trip_on_cpu():
+    wire, buf, student, tokens, got = _roundtrip("cpu")
+    assert wire.indices(buf).tolist() == [7, 3, 9, PAD]
+    torch.testing.assert_close(got, tokens)
+    assert int(student._mismatch) == 0
+    # A batch whose indices differ from the ones sent is counted as a mismatch.
+    student._pending.append((buf, _Done()))
+    student.targets({"student": torch.zeros(3), "index": torch.tensor([7, 3, 8])})
+    assert int(student._mismatch) == 1
+
+
+# --- CUDA: no host sync in the per-batch path ---
+
+@needs_cuda
+def test_make_views_does_not_sync():
+    crops = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    indices = np.arange(16)
+    on_gpu = crops.cuda()
+    make_views(on_gpu, SPEC, 0, indices)  # warm-up: constants are made once
+    with no_host_sync():
+        teacher, student = make_views(on_gpu, SPEC, 1, indices)
+    ref_teacher, ref_student = make_views(crops, SPEC, 1, indices)
+    torch.testing.assert_close(teacher.cpu(), ref_teacher, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(student.cpu(), ref_student, rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda
+def test_synthetic_batches_do_not_sync():
+    batches = iter(SyntheticLoader(64, 8, spec=SPEC, device="cuda"))
+    next(batches)  # warm-up
+    with no_host_sync():
+        batch = next(batches)
+    assert batch["teacher"].is_cuda and batch["student"].is_cuda
+
+
+@needs_cuda
+def test_dedicated_index_transfer_does_not_sync():
+    _roundtrip("cuda")  # warm-up
+    with no_host_sync():
+        wire, buf, student, tokens, got = _roundtrip("cuda")
+    assert wire.indices(buf).tolist() == [7, 3, 9, PAD]
+    torch.testing.assert_close(got, tokens)
+    assert int(student._mismatch) == 0
