@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 # Evidence for stack="auto", per device type. CPU (benchmarks/results/throughput_cpu_cpu.json,
 # "teacher_variants"; 2-core AMD EPYC, 1 thread, fp32): 3 ViT-S teachers, 64 px, batch 16,
-# teacher pass + fusion, three runs: loop 555 / 630 / 722 ms, stacked 559 / 614 / 615 ms,
-# i.e. no difference beyond the machine's noise once matmuls dominate; stacking only won at
+# teacher pass + fusion, four runs: loop 555 / 630 / 722 / 638 ms, stacked 559 / 614 / 615 /
+# 566 ms, i.e. no reliable difference within the machine's 10-30% noise once matmuls dominate; stacking only won at
 # toy shapes (2 ViT-T, 32 px, batch 2: 16 vs 38 ms, per-op overhead). Not measurably faster
 # at training shapes -> loop, which is stock timm and bit-exact. CUDA: not measured yet (no
 # GPU was available when this was written); the loop is the safe default there too, its
