@@ -11,8 +11,10 @@ $(VENV)/.installed: pyproject.toml launch/setup_env.sh
 
 setup: $(VENV)/.installed
 
+# --resume auto: a second `make demo` continues (or reports complete) runs/demo instead of
+# refusing to start over its checkpoints.
 demo: setup
-	$(PY) launch/pretrain.py --config configs/demo.yaml
+	$(PY) launch/pretrain.py --config configs/demo.yaml --resume auto
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -183,6 +183,10 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
         ckpt.load_checkpoint(engine, resume_from, info.rank)
         log.info(f"resumed from {resume_from} at step {state['global_step']} "
                  f"(epoch {state['epoch']}, step {state['step_in_epoch']} of the epoch)")
+        if state["global_step"] >= total_steps:
+            log.info(f"{run_dir} is already complete ({state['global_step']}/{total_steps} "
+                     "steps): nothing to train. Raise run.epochs / run.max_steps to go on, or "
+                     "set another run.name for a new run.")
     elif resume:
         log.info(f"--resume {resume}: no checkpoint in {run_dir} yet, starting fresh")
     log.close()
