@@ -98,7 +98,9 @@ def variants_table(result: dict) -> list[str]:
     lines.append("")
     lines.append(f"Chosen for the matrix: mode `{choice.get('mode')}`, compile "
                  f"`{choice.get('compile')}`, fp8 `{choice.get('fp8', False)}` "
-                 f"({choice.get('why')}).")
+                 f"({choice.get('why')})."
+                 + (" Merged result: each row's own teacher path is its `teacher_path` in the "
+                    "JSON." if result.get("parts") else ""))
     return lines
 
 
@@ -282,9 +284,14 @@ def write_report(json_path: Path) -> tuple[Path, Path]:
     return md, png
 
 
+_SAME_IN_ALL_PARTS = ("img_size", "precision", "reference_precision", "teacher_arch",
+                      "zero_stage")
+
+
 def _key(kind: str, item: dict) -> tuple:
-    if kind == "rows":
-        return (item["student"], item["teachers"], item["placement"], item["data"], item["path"])
+    if kind == "rows":  # a cell: its fast and reference rows move together
+        return (item["student"], item["teachers"], item.get("teacher_arch"), item["placement"],
+                item["data"])
     if kind == "teacher_variants":
         return (item["teachers"], item["variant"])
     return (item["placement"], item.get("teacher_ranks"), item.get("student_ranks"),
@@ -301,25 +308,32 @@ def merge_results(parts: list[dict]) -> dict:
             if part["machine"].get(field) != first["machine"].get(field):
                 raise SystemExit(f"cannot merge results of different machines: {field} "
                                  f"{first['machine'].get(field)!r} vs {part['machine'].get(field)!r}")
-        if part["config"]["img_size"] != first["config"]["img_size"] or \
-                part["config"]["precision"] != first["config"]["precision"]:
-            raise SystemExit("cannot merge results of different image sizes or precisions")
+        for key in _SAME_IN_ALL_PARTS:
+            if part["config"].get(key) != first["config"].get(key):
+                raise SystemExit(f"cannot merge results with different {key}: "
+                                 f"{first['config'].get(key)!r} vs {part['config'].get(key)!r}")
     merged = dict(first)
     for kind in ("rows", "teacher_variants", "placement_rows"):
-        by_key: dict[tuple, dict] = {}
+        by_key: dict[tuple, list[dict]] = {}
         for part in parts:
+            fresh: dict[tuple, list[dict]] = {}
             for item in part.get(kind) or []:
-                by_key[_key(kind, item)] = item
-        merged[kind] = list(by_key.values())
+                fresh.setdefault(_key(kind, item), []).append(item)
+            by_key.update(fresh)  # a later part replaces whole cells
+        merged[kind] = [item for items in by_key.values() for item in items]
     with_variants = [p for p in parts if p.get("teacher_variants")]
     merged["teacher_choice"] = (with_variants or parts)[-1].get("teacher_choice")
     merged["profile"] = next((p["profile"] for p in reversed(parts) if p.get("profile")), None)
     merged["notes"] = list(dict.fromkeys(n for p in parts for n in p.get("notes", [])))
+    for field in ("versions", "git_commit"):
+        if any(p["machine"].get(field) != first["machine"].get(field) for p in parts):
+            merged["notes"].append(f"the merged parts differ in {field}: see parts[].")
     merged["complete"] = all(p.get("complete", True) for p in parts)
     merged["wall_s"] = round(sum(p["wall_s"] for p in parts), 1)
     merged["command"] = " && ".join(p["command"] for p in parts)
-    merged["parts"] = [{k: p[k] for k in ("command", "timestamp", "wall_s", "config")}
-                       for p in parts]
+    merged["parts"] = [{**{k: p[k] for k in ("command", "timestamp", "wall_s", "config")},
+                        "versions": p["machine"].get("versions"),
+                        "git_commit": p["machine"].get("git_commit")} for p in parts]
     return merged
 
 

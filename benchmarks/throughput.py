@@ -635,9 +635,10 @@ def teacher_variants(cfg: Config, bank: TeacherBank, device, batch: int) -> list
                     " +compile" if compile_ else "")
                 try:
                     fast = bank.fast(m, device, dtype, mode, compile_, fp8)
+                    # The targets first: a variant that fails fails before it is timed.
+                    targets = fuse_teachers(fast(images)).float()
                     row = timed(lambda: fuse_teachers(fast(images)), label, m, mode=mode,
                                 compile=compile_, fp8=fp8)
-                    targets = fuse_teachers(fast(images)).float()
                     if baseline is None:
                         baseline = targets
                     elif fp8:
@@ -707,7 +708,8 @@ def profile_cell(cfg: Config, bank: TeacherBank, device, choice: dict, rows: lis
     step, keep = build_fast(cfg, bank, student_arch, m, batch, device, choice)
     batches = make_batches("synthetic", cfg, batch, device, student_dtype)
     try:
-        result = profile_steps(step, batches, lambda: Phases(device), cfg.profile_steps, device)
+        result = profile_steps(step, batches, lambda: Phases(device), cfg.profile_steps, device,
+                               warmup=max(1, cfg.warmup))
     finally:
         _release(keep)
     del step, keep, batches
@@ -919,8 +921,11 @@ def main(argv=None) -> Path:
     out = Path(cfg.out) if cfg.out else RESULTS_DIR / f"throughput_{cfg.preset}_{device.type}.json"
     variants, choice, rows, profile, placement_rows = [], None, [], None, []
 
+    partial = out.with_name(out.name + ".partial")
+
     def save(complete: bool = False) -> dict:
-        """Written after every part, so a run cut short keeps what it measured."""
+        """Written after every part to OUT.partial, so a run cut short keeps what it
+        measured without replacing the last complete result; renamed to OUT at the end."""
         payload = {
             "benchmark": "throughput", "preset": cfg.preset, "command": command_line(),
             "timestamp": timestamp(), "wall_s": round(time.perf_counter() - started, 1),
@@ -932,13 +937,18 @@ def main(argv=None) -> Path:
             "rows": rows, "placement_rows": placement_rows, "profile": profile,
             "notes": cfg.notes + _notes(cfg, device),
         }
-        write_json(out, payload)
+        write_json(partial, payload)
+        if complete:
+            partial.replace(out)
         return payload
 
     bank = TeacherBank(cfg.teacher_arch, cfg.img_size)
     fixed_batch = None if cfg.micro_batch == "auto" else int(cfg.micro_batch)
     if fixed_batch is None and device.type != "cuda":
         raise SystemExit("--micro-batch auto needs a GPU")
+
+    if cfg.teacher_fp8 and _fp8_blocker(cfg, device):
+        raise SystemExit(f"--teacher-fp8 on: {_fp8_blocker(cfg, device)}")
 
     # --- 1. teacher variants (evidence for loop / stacked / compile on this device)
     if cfg.teacher_variants:
@@ -975,7 +985,9 @@ def main(argv=None) -> Path:
                                       dict(choice, compile=False))
                 fit, _ = run_path_auto(eager_builder, cfg, source, device, student_dtype,
                                        candidates, steps=1, warmup=1)
-                candidates = [b for b in BATCH_CANDIDATES if b <= fit]
+                # One size above: compiled code often needs less activation memory.
+                i = BATCH_CANDIDATES.index(fit)
+                candidates = BATCH_CANDIDATES[max(0, i - 1):]
             batch, fast = run_path_auto(fast_builder, cfg, source, device, student_dtype,
                                         candidates)
             ref_batch, ref = run_path_auto(ref_builder, cfg, source, device, torch.float32,

@@ -208,7 +208,7 @@ def validate_types(cfg: dict) -> None:
         raise ConfigError(f"method.losses must be a non-empty subset of [tfd, sfd], "
                           f"got {cfg['method']['losses']}")
     runtime = cfg["teacher_runtime"]
-    if runtime["fp8"] and (runtime["dtype"] != "bfloat16" or runtime["stack"] == "always"):
+    if runtime["fp8"] and (runtime["dtype"] != "bfloat16" or runtime["stack"] in ("always", True)):
         raise ConfigError("teacher_runtime.fp8=true needs teacher_runtime.dtype=bfloat16 and "
                           f"stack auto or never, got dtype={runtime['dtype']}, "
                           f"stack={runtime['stack']}")

@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 from datetime import timedelta
 
 import numpy as np
@@ -16,7 +17,7 @@ from PIL import Image
 from dmt.config import load_config
 from dmt.data import build_loader, probe, write_sample_images
 from dmt.data.folder import scan_image_folder
-from dmt.errors import ConfigError
+from dmt.errors import ConfigError, DataError
 
 BAD = ("truncated.jpg", "empty.jpg")
 
@@ -182,6 +183,47 @@ def test_cache_off_and_cache_locations(folder, monkeypatch, tmp_path):
         probe.cache_path(folder, 3)
 
 
+def test_an_unwritable_folder_falls_back_to_the_user_cache(folder, monkeypatch, tmp_path,
+                                                          caplog):
+    """os.access says the folder is writable, yet writing fails (root-squashed NFS): the
+    index goes to the user's cache dir, and later launches use it without a warning."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    real, written = probe._write_index, []
+
+    def squashed(path, *args):
+        written.append(path)
+        if path.parent == folder:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args)
+    monkeypatch.setattr(probe, "_write_index", squashed)
+    calls = Counter(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="dmt.data.probe"):
+        first = run(folder, "auto")
+        check_against_pil(first, folder)
+        elsewhere = list((tmp_path / "xdg" / "dmt").glob("*.json"))
+        assert len(elsewhere) == 1 and written == [folder / probe.CACHE_NAME, elsewhere[0]]
+        calls.take(), written.clear()
+        assert run(folder, "auto").probed == 0 and calls.take() == [] and written == []
+        shutil.copy(next(folder.rglob("img_*.jpg")), folder / "class_0" / "new.jpg")  # a change
+        assert run(folder, "auto").probed == 1 and written == elsewhere  # the folder: not again
+    assert caplog.text == ""
+
+
+def test_the_index_file_mode_follows_the_umask(folder):
+    old = os.umask(0o027)
+    try:
+        run(folder, "auto")
+    finally:
+        os.umask(old)
+    assert (folder / probe.CACHE_NAME).stat().st_mode & 0o777 == 0o640
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_missing_folder_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        probe.probe_image_folder(tmp_path / "nowhere", cache="off")
+
+
 def test_config_key():
     assert load_config()["data"]["probe_cache"] == "auto"
     for value, parsed in (("off", False), ("null", None), ("/tmp/p.json", "/tmp/p.json")):
@@ -263,3 +305,49 @@ def test_two_gloo_ranks_split_the_probe_and_agree(tmp_path):
         assert first["decoded"] == sorted(f.name for f in files[r::2])  # its half only
         assert second["probed"] == 0 and second["decoded"] == []
     check_against_pil(single, folder)
+
+
+def _missing_worker(rank, world, port, paths, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=30))
+    start = time.monotonic()
+    try:
+        probe.probe_image_folder(paths[rank], cache="off", num_threads=2)
+        outcome = {"error": None}
+    except Exception as error:  # noqa: BLE001  (reported to the test)
+        outcome = {"error": type(error).__name__, "message": str(error)}
+    outcome["seconds"] = time.monotonic() - start
+    with open(os.path.join(out_dir, f"missing{rank}.json"), "w") as f:
+        json.dump(outcome, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_folder_missing_on_one_rank_fails_every_rank_at_once(tmp_path):
+    """Rank 1's folder does not exist: its scan fails inside the collective, so rank 0
+    raises the same DataError instead of waiting in the gather until the timeout (30 s
+    here: a regression shows as a timeout error, or as this test's own deadline)."""
+    import multiprocessing
+
+    paths = [str(_make_folder(tmp_path / "images")), str(tmp_path / "missing")]
+    spawn = multiprocessing.get_context("spawn")
+    port = _free_port()
+    workers = [spawn.Process(target=_missing_worker, args=(r, 2, port, paths, str(tmp_path)))
+               for r in range(2)]
+    for worker in workers:
+        worker.start()
+    deadline = time.monotonic() + 120  # two spawned processes importing torch, slowly
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+    hung = [w for w in workers if w.is_alive()]
+    for worker in hung:
+        worker.kill()
+        worker.join()
+    assert not hung, "a rank still waits in the probe's collective"
+    for rank in range(2):
+        outcome = json.loads((tmp_path / f"missing{rank}.json").read_text())
+        assert outcome["error"] == "DataError", outcome
+        assert "failed on rank 1" in outcome["message"] and "does not exist" in outcome["message"]
+        assert paths[1] in outcome["message"]
+        assert outcome["seconds"] < 25  # not the gloo timeout

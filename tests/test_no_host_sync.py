@@ -11,7 +11,7 @@ import torch
 from dmt.data import augment
 from dmt.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, make_views, normalize, to_device
 from dmt.data.synthetic_backend import SyntheticLoader
-from dmt.placement.dedicated import PAD, DedicatedStudent, DedicatedTeacher, _Wire
+from dmt.placement.dedicated import PAD, DedicatedStudent, DedicatedTeacher, _to, _Wire
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -95,6 +95,61 @@ def test_to_device_on_cpu_keeps_values_and_dtype():
     assert moved.dtype == torch.float32 and moved.device.type == "cpu"
     assert moved.tolist() == array.tolist()
     assert to_device(np.array([4, 2]), "cpu").dtype == torch.int64
+
+
+class FakePinnedMemory:
+    """Pinned memory and host-to-CUDA copies, imitated on the CPU (this build cannot pin):
+    pin_memory() of a pinned tensor returns that tensor, as on CUDA; `.to("cuda")` records
+    what it read and whether non_blocking."""
+
+    def __init__(self, monkeypatch):
+        self.pinned, self.copies = set(), []  # pinned storages; (source, non_blocking)
+        real_to, real_empty_like = torch.Tensor.to, torch.empty_like
+
+        def is_pinned(t):
+            return t.untyped_storage().data_ptr() in self.pinned
+
+        def pin_memory(t):
+            return t if is_pinned(t) else self.pin(t.clone())
+
+        def empty_like(t, *, pin_memory=False, **kwargs):
+            out = real_empty_like(t, **kwargs)
+            return self.pin(out) if pin_memory else out
+
+        def to(t, device, *args, non_blocking=False, **kwargs):
+            if torch.device(device).type != "cuda":
+                return real_to(t, device, *args, non_blocking=non_blocking, **kwargs)
+            self.copies.append((t, non_blocking))
+            return t.clone()
+
+        self.is_pinned = is_pinned
+        monkeypatch.setattr(torch.Tensor, "is_pinned", is_pinned)
+        monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+        monkeypatch.setattr(torch.Tensor, "to", to)
+        monkeypatch.setattr(torch, "empty_like", empty_like)
+
+    def pin(self, t):
+        self.pinned.add(t.untyped_storage().data_ptr())
+        return t
+
+
+@pytest.mark.parametrize("caller_pinned", [False, True], ids=["pageable", "pinned"])
+@pytest.mark.parametrize("move", [to_device, _to], ids=["to_device", "dedicated._to"])
+def test_host_to_cuda_copies_read_a_pinned_buffer_of_their_own(monkeypatch, move,
+                                                               caller_pinned):
+    """The CUDA branch without a GPU: the async copy must read pinned memory (else the host
+    waits for the GPU queue) that is not the caller's (which it may reuse at once)."""
+    memory = FakePinnedMemory(monkeypatch)
+    source = torch.arange(6, dtype=torch.float32).view(2, 3)
+    if caller_pinned:
+        source = source.pin_memory()
+        assert source.is_pinned()
+    moved = move(source, torch.device("cuda"))
+    assert len(memory.copies) == 1
+    read, non_blocking = memory.copies[0]
+    assert non_blocking and memory.is_pinned(read)
+    assert read.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()
+    assert torch.equal(read, source) and torch.equal(moved, source)
 
 
 def test_dedicated_index_transfer_round_trip_on_cpu():

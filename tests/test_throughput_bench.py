@@ -124,6 +124,11 @@ def test_profile_categories_cover_cpu_ops_and_gpu_kernels():
         "aten::native_layer_norm": "softmax / norm", "aten::_log_softmax": "softmax / norm",
         "Memcpy HtoD (Pageable -> Device)": "memory copy",
         "aten::gelu": "elementwise / other", "aten::add_": "elementwise / other",
+        "aten::upsample_bilinear2d": "elementwise / other",
+        "triton_poi_fused_convert_element_type_0": "elementwise / other",
+        "aten::normal_": "elementwise / other", "aten::scatter_add_": "elementwise / other",
+        "fp8_quantize": "fp8 quantise", "aten::mkldnn_convolution": "matmul",
+        "aten::cudnn_convolution": "matmul",
     }
     assert {name: categorise(name) for name in expected} == expected
 
@@ -133,7 +138,9 @@ def _part(machine="NVIDIA H100 80GB HBM3", rows=(), variants=(), profile=None, s
         return {"student": student, "teachers": m, "placement": "colocated",
                 "data": "synthetic", "path": path, "images_per_s": ips}
     return {"machine": {"gpu": machine, "device_type": "cuda"}, "config": {
-                "img_size": 224, "precision": "bf16", "steps": steps, "warmup": 5},
+                "img_size": 224, "precision": "bf16", "reference_precision": "fp16",
+                "teacher_arch": "vit_base_patch16_224", "zero_stage": 1, "steps": steps,
+                "warmup": 5},
             "command": f"throughput.py part{len(rows)}", "timestamp": "t", "wall_s": 10.0,
             "complete": True, "notes": ["n"], "rows": [row(*r) for r in rows],
             "teacher_variants": [{"teachers": 3, "variant": v} for v in variants],
@@ -144,15 +151,24 @@ def _part(machine="NVIDIA H100 80GB HBM3", rows=(), variants=(), profile=None, s
 def test_merge_keeps_every_cell_and_the_later_part_wins():
     sys.path.insert(0, str(REPO))
     from benchmarks.report import merge_results
-    a = _part(rows=[("S", 3, "fast", 100.0), ("S", 3, "reference", 50.0)],
+    a = _part(rows=[("S", 3, "fast", 100.0), ("S", 3, "reference", 50.0), ("B", 1, "fast", 7.0),
+                    ("B", 1, "reference", 5.0)],
               variants=["bf16 loop", "bf16 stacked"], profile={"student": "S"})
-    b = _part(rows=[("T", 0, "fast", 900.0), ("S", 3, "fast", 120.0)], steps=10)
+    b = _part(rows=[("T", 0, "fast", 900.0), ("T", 0, "reference", 800.0),
+                    ("S", 3, "fast", 120.0), ("S", 3, "reference", 60.0)], steps=10)
     merged = merge_results([a, b])
     cells = {(r["student"], r["teachers"], r["path"]): r["images_per_s"] for r in merged["rows"]}
-    assert cells == {("S", 3, "fast"): 120.0, ("S", 3, "reference"): 50.0, ("T", 0, "fast"): 900.0}
+    # A cell's fast and reference rows come from the same part: the speed-up stays paired.
+    assert cells == {("S", 3, "fast"): 120.0, ("S", 3, "reference"): 60.0,
+                     ("B", 1, "fast"): 7.0, ("B", 1, "reference"): 5.0,
+                     ("T", 0, "fast"): 900.0, ("T", 0, "reference"): 800.0}
     assert [v["variant"] for v in merged["teacher_variants"]] == ["bf16 loop", "bf16 stacked"]
     assert merged["teacher_choice"] == {"mode": "loop"} and merged["profile"] == {"student": "S"}
     assert [p["config"]["steps"] for p in merged["parts"]] == [20, 10]
     assert merged["wall_s"] == 20.0 and merged["notes"] == ["n"]
     with pytest.raises(SystemExit, match="different machines"):
         merge_results([a, _part(machine="NVIDIA H200")])
+    other_zero = _part()
+    other_zero["config"]["zero_stage"] = 3
+    with pytest.raises(SystemExit, match="different zero_stage"):
+        merge_results([a, other_zero])

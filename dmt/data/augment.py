@@ -103,13 +103,18 @@ def to_device(host, device) -> torch.Tensor:
     """A host array (numpy or CPU tensor) as a tensor on `device`.
 
     On CUDA: pinned + non_blocking, since a copy from pageable memory makes the host
-    wait for the whole GPU queue (the previous step included). The caching host
-    allocator keeps the pinned block until the copy is done. Elsewhere: a plain `.to`.
+    wait for the whole GPU queue (the previous step included). The copy reads a pinned
+    buffer of its own, which the caching host allocator keeps until the copy is done, so
+    the caller may reuse `host` at once. Elsewhere: a plain `.to`.
     """
     tensor = torch.as_tensor(host)
     if torch.device(device).type != "cuda":
         return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    # pin_memory() returns an already pinned tensor itself: the async copy would then
+    # read the caller's buffer after we return, so copy that one into our own.
+    pinned = (torch.empty_like(tensor, pin_memory=True).copy_(tensor) if tensor.is_pinned()
+              else tensor.pin_memory())
+    return pinned.to(device, non_blocking=True)
 
 
 @functools.lru_cache(maxsize=64)

@@ -27,9 +27,8 @@ import numpy as np
 import torch
 
 from dmt.data.augment import ViewSpec, crop_boxes, make_views
-from dmt.data.folder import scan_image_folder
 from dmt.data.loader import DualViewLoader
-from dmt.data.probe import probe_folder
+from dmt.data.probe import probe_image_folder
 from dmt.data.sampling import ShardedEpochs
 from dmt.errors import DataError
 
@@ -78,10 +77,10 @@ class DaliFolderLoader(DualViewLoader):
     def __init__(self, path, batch_size, *, spec: ViewSpec, seed=0, rank=0, world_size=1,
                  device="cpu", drop_last=True, num_workers=None, probe_cache="auto",
                  shard_probe=True):
-        folder = scan_image_folder(path)
         threads = num_workers or min(8, os.cpu_count() or 1)
-        probe = probe_folder(folder, cache=probe_cache, num_threads=max(threads, 4),
-                             shard=shard_probe)
+        # Scanned inside the probe's collective: a folder missing on one node fails every rank.
+        folder, probe = probe_image_folder(path, cache=probe_cache, num_threads=max(threads, 4),
+                                           shard=shard_probe)
         keep = np.flatnonzero(probe.decodable)
         if len(keep) == 0:
             raise DataError(f"image folder {str(folder.root)!r}: none of its "

@@ -200,8 +200,9 @@ class FFCVLoader(DualViewLoader):
         self._running = self._start_ffcv_epoch()
         try:
             for row, outputs in zip(batches, self._running):
-                # to_device: pinned + non_blocking on GPUs (no wait for the GPU queue); the
-                # pinned copy also frees FFCV's buffer for its next batch at once.
+                # to_device: on GPUs, a pinned copy of its own (even of a pinned buffer),
+                # sent non_blocking: no wait for the GPU queue, and FFCV may refill its
+                # buffer at once. On the CPU, make_views reads it before the next batch.
                 crops = to_device(outputs[0], self.device).permute(0, 3, 1, 2)
                 teacher, student = make_views(crops, self.spec, epoch, row)
                 label = (torch.from_numpy(outputs[1].reshape(-1).copy()) if self._has_label

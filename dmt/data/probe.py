@@ -12,6 +12,9 @@ launch it cost minutes and W times the IO. So the probe is
   reuse the result without a collective, because a dedicated teacher rank builds one
   loader per student it serves while a student builds one (a second collective there
   would deadlock). `shard=False` opts out, for loaders built on some ranks only.
+  A rank that fails (probe_image_folder: its scan too, e.g. the folder is missing on its
+  node) still joins the gather with its error, so every rank raises the same DataError
+  naming it, rather than the others waiting until the process group's timeout.
 - cached: the result is kept in a JSON index keyed by each file's path relative to the
   folder, its size in bytes and its mtime (ns). A later launch probes only new or changed
   files and drops removed ones. Global rank 0 writes it, atomically (temp file +
@@ -23,17 +26,18 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch.distributed as dist
 
 from dmt.data import images
-from dmt.data.folder import ImageFolder
+from dmt.data.folder import ImageFolder, scan_image_folder
 from dmt.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -64,24 +68,46 @@ def cache_path(root, setting="auto") -> Path | None:
     """The probe index file for folder `root`; None when caching is off.
 
     "auto" (or true): <root>/.dmt_probe_cache.json when root is writable, else
-    $XDG_CACHE_HOME/dmt/ (~/.cache/dmt/) under a name made from root's absolute path.
+    $XDG_CACHE_HOME/dmt/ (~/.cache/dmt/) under a name made from root's absolute path
+    (also used when writing in root fails after all, see _cache_paths).
     null, false, "off": no cache. Any other string: that file.
     """
     if setting is None or setting is False:
         return None
     if setting is not True and not isinstance(setting, (str, os.PathLike)):
         raise ConfigError(f"probe_cache must be 'auto', 'off' or a file path, got {setting!r}")
-    word = str(setting).strip().lower() if isinstance(setting, str) else None
-    if word in _OFF:
+    if isinstance(setting, str) and setting.strip().lower() in _OFF:
         return None
     root = Path(root).expanduser()
-    if setting is True or word == "auto":
-        if os.access(root, os.W_OK):
-            return root / CACHE_NAME
-        base = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "dmt"
-        digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
-        return base / f"probe_{root.name}_{digest}.json"
+    if _is_auto(setting):
+        return root / CACHE_NAME if os.access(root, os.W_OK) else _user_cache_path(root)
     return Path(setting).expanduser()
+
+
+def _is_auto(setting) -> bool:
+    return setting is True or (isinstance(setting, str) and setting.strip().lower() == "auto")
+
+
+def _user_cache_path(root: Path) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "dmt"
+    digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    return base / f"probe_{root.name}_{digest}.json"
+
+
+def _cache_paths(root: Path, setting) -> tuple:
+    """(the index to read and write, where to write it instead if that fails).
+
+    Under "auto", os.access can call a folder writable that is not (root-squashed NFS).
+    The index then goes to the user's cache dir, and later launches read it from there
+    rather than failing, and warning, at every launch.
+    """
+    path = cache_path(root, setting)
+    if not _is_auto(setting) or path != root / CACHE_NAME:
+        return path, None
+    fallback = _user_cache_path(root)
+    if not path.exists() and fallback.exists():
+        return fallback, None
+    return path, fallback
 
 
 class _Index:
@@ -144,11 +170,13 @@ def _write_index(path: Path, rels: list, table: np.ndarray, keep: np.ndarray,
             **{c: table[rows, k].tolist() for k, c in enumerate(_COLUMNS)},
             "reasons": {str(j): reasons[i][0] for j, i in enumerate(rows.tolist()) if i in reasons}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    # Mode 0o666 minus the umask, as for any new file: other jobs on the folder read it
+    # too (mkstemp would make it private).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, separators=(",", ":"))
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; other jobs on the folder read it too
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -164,22 +192,29 @@ def _relative_paths(folder: ImageFolder) -> list:
             for s in map(str, folder.files)]
 
 
-def _probe_file(path, rel: str, index: _Index) -> tuple:
-    """(bytes, mtime_ns, height, width, reason, lasting, decoded) of one file.
+class _Probed(NamedTuple):
+    """One file's outcome."""
+    nbytes: int        # -1: the file could not even be stat'ed
+    mtime_ns: int
+    height: int        # 0 (and width 0) when it does not decode
+    width: int
+    reason: str | None  # why it does not decode
+    lasting: bool      # the outcome may be cached (not an OS-level read failure)
+    decoded: bool      # probed now, not taken from the index
 
-    lasting: the outcome may be cached (not an OS-level read failure); bytes is -1 when
-    the file could not even be stat'ed.
-    """
+
+def _probe_file(path, rel: str, index: _Index) -> _Probed:
     try:
         st = os.stat(path)
     except OSError as error:
-        return -1, -1, 0, 0, f"{type(error).__name__}: {error}", False, False
+        return _Probed(-1, -1, 0, 0, f"{type(error).__name__}: {error}", False, False)
     hit = index.lookup(rel, st.st_size, st.st_mtime_ns)
     if hit is not None:
-        return (st.st_size, st.st_mtime_ns, *hit, True, False)
+        height, width, reason = hit
+        return _Probed(st.st_size, st.st_mtime_ns, height, width, reason, True, False)
     size, reason, lasting = images.probe_one(path)
     height, width = size or (0, 0)
-    return st.st_size, st.st_mtime_ns, height, width, reason, lasting, True
+    return _Probed(st.st_size, st.st_mtime_ns, height, width, reason, lasting, True)
 
 
 def _probe_shard(folder: ImageFolder, rels: list, rows: list, index: _Index,
@@ -195,9 +230,10 @@ def _probe_shard(folder: ImageFolder, rels: list, rows: list, index: _Index,
     chunks = [rows[i:i + _CHUNK] for i in range(0, len(rows), _CHUNK)]
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
         out = [o for done in pool.map(probe_chunk, chunks) for o in done]
-    table = np.array([o[:4] for o in out], dtype=np.int64).reshape(-1, 4)
-    reasons = {i: (o[4], o[5]) for i, o in zip(rows, out) if o[4] is not None}
-    return {"table": table, "reasons": reasons, "decoded": sum(o[6] for o in out)}
+    table = np.array([(o.nbytes, o.mtime_ns, o.height, o.width) for o in out],
+                     dtype=np.int64).reshape(-1, 4)
+    reasons = {i: (o.reason, o.lasting) for i, o in zip(rows, out) if o.reason is not None}
+    return {"table": table, "reasons": reasons, "decoded": sum(o.decoded for o in out)}
 
 
 def _gather(part: dict, distributed: bool) -> list:
@@ -234,8 +270,8 @@ def _is_writer() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _save(path: Path | None, index: _Index, rels: list, table: np.ndarray, reasons: dict,
-          decoded: int) -> None:
+def _save(path: Path | None, fallback: Path | None, index: _Index, rels: list,
+          table: np.ndarray, reasons: dict, decoded: int) -> None:
     keep = table[:, 0] >= 0
     for row, (_, lasting) in reasons.items():
         keep[row] &= lasting
@@ -244,9 +280,19 @@ def _save(path: Path | None, index: _Index, rels: list, table: np.ndarray, reaso
         return
     try:
         _write_index(path, rels, table, keep, reasons)
+        return
     except OSError as error:
-        log.warning("could not write the probe cache %s (%s); the next launch probes again",
-                    path, error)
+        failed = error
+    if fallback is not None:
+        try:
+            _write_index(fallback, rels, table, keep, reasons)
+            log.info("could not write the probe cache %s (%s); wrote %s, which later launches "
+                     "read instead", path, failed, fallback)
+            return
+        except OSError as error:
+            path, failed = fallback, error
+    log.warning("could not write the probe cache %s (%s); the next launch probes again",
+                path, failed)
 
 
 def probe_folder(folder: ImageFolder, cache="auto", num_threads: int = 8,
@@ -256,21 +302,39 @@ def probe_folder(folder: ImageFolder, cache="auto", num_threads: int = 8,
     cache: see cache_path. shard: split the probe across the ranks of the default
     process group (a collective: every rank must call this, see the module docstring).
     """
+    return _probe(lambda: folder, str(folder.root), cache, num_threads, shard)[1]
+
+
+def probe_image_folder(path, cache="auto", num_threads: int = 8,
+                       shard: bool = True) -> tuple[ImageFolder, ProbeResult]:
+    """scan_image_folder(path) and probe_folder of it, the scan inside the collective: a
+    rank whose scan fails (the folder missing on its node, say) still joins the exchange,
+    so every rank raises the same DataError rather than the others waiting for it until
+    the process group's timeout."""
+    root = str(Path(path).expanduser())  # scan_image_folder's root: the key of _SHARED
+    return _probe(lambda: scan_image_folder(path), root, cache, num_threads, shard)
+
+
+def _probe(scan, root: str, cache, num_threads: int, shard: bool) -> tuple:
     start = time.perf_counter()
-    rels = _relative_paths(folder)
-    fingerprint = hashlib.sha1("\n".join(rels).encode()).hexdigest()
-    root = str(folder.root)
     distributed = (shard and dist.is_available() and dist.is_initialized()
                    and dist.get_world_size() > 1)
-    if distributed and root in _SHARED:
-        seen, result = _SHARED[root]
-        if seen == fingerprint:
-            return result  # probed together moments ago: e.g. a teacher rank's next loader
-        distributed = False  # the folder changed since: probe here, as no other rank does
+    shared = _SHARED.get(root) if distributed else None
+    if shared is not None:
+        # Probed together earlier in this process (e.g. a dedicated teacher rank's next
+        # loader): the other ranks make no second collective, so neither does this one.
+        distributed = False
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    path = cache_path(folder.root, cache)
-    index = _load_index(path)
+    # Anything that can fail on one rank only runs here: the others wait in the gather.
     try:
+        folder = scan()
+        rels = _relative_paths(folder)
+        fingerprint = hashlib.sha1("\n".join(rels).encode()).hexdigest()
+        if shared is not None and shared[0] == fingerprint:
+            return folder, shared[1]
+        # (a changed folder is probed here alone, as no other rank does)
+        path, fallback = _cache_paths(folder.root, cache)
+        index = _load_index(path)
         part = _probe_shard(folder, rels, list(range(rank, len(rels), world)), index,
                             num_threads)
         part.update(fingerprint=fingerprint, files=len(rels))
@@ -279,9 +343,9 @@ def probe_folder(folder: ImageFolder, cache="auto", num_threads: int = 8,
             raise
         part = {"error": f"{type(error).__name__}: {error}"}
     parts = _gather(part, distributed)
-    _check_parts(parts, folder.root)
+    _check_parts(parts, root)  # raises on every rank if any failed: the names below exist
     table, reasons, decoded = _assemble(parts, len(rels))
-    _save(path, index, rels, table, reasons, decoded)
+    _save(path, fallback, index, rels, table, reasons, decoded)
     result = ProbeResult(heights=table[:, 2].copy(), widths=table[:, 3].copy(),
                          bad=[(str(folder.files[i]), reasons[i][0]) for i in sorted(reasons)],
                          probed=decoded)
@@ -290,4 +354,4 @@ def probe_folder(folder: ImageFolder, cache="auto", num_threads: int = 8,
     log.info("%s: probed %d of %d file(s) on %d rank(s), %d from the cache %s, in %.1f s",
              root, decoded, len(rels), world, len(rels) - decoded, path or "(off)",
              time.perf_counter() - start)
-    return result
+    return folder, result

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmt.errors import ConfigError
-from dmt.models.fp8 import convert_to_fp8, fp8_unsupported
+from dmt.models.fp8 import convert_to_fp8, fp8_blocker, fp8_unsupported
 from dmt.models.teachers import FrozenTeacher, TeacherEnsemble
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ class LoopTeacher(nn.Module):
     """One frozen teacher in `dtype` with fused attention; forward -> [tokens].
 
     Exactly FrozenTeacher's computation (input re-normalisation to the teacher's own
-    statistics, then the timm encoder), so its tokens are bit for bit the plain path's.
+    statistics, then the timm encoder), so its tokens are bit for bit the plain path's
+    (unless fp8: then the block linears multiply in e4m3).
     """
 
     def __init__(self, teacher: FrozenTeacher, dtype: torch.dtype, fp8: bool = False):
@@ -382,7 +383,8 @@ def optimize_teachers(ensemble: TeacherEnsemble, dtype: torch.dtype = torch.bflo
                               f"bfloat16 (got {dtype})")
         if stack in ("always", True):
             raise ConfigError("fp8 teacher matmuls run per teacher: use stack 'auto' or 'never'")
-        reason = fp8_unsupported(device)
+        reason = fp8_unsupported(device) or next(
+            (f"teacher {t.name}: {r}" for t in teachers if (r := fp8_blocker(t.encoder))), None)
         if reason:
             raise ConfigError(f"fp8 teacher matmuls unavailable: {reason}")
         use_stack = False  # _scaled_mm is 2-D: stacked (batched) matmuls stay in bf16

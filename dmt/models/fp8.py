@@ -9,6 +9,11 @@ Scaling (both sides per row, "rowwise"): each weight row (output channel) is qua
 with its own scale; each activation row (token) is quantised on the fly with its own scale,
 so one large token does not flush the small ones to zero. torch._scaled_mm multiplies the
 e4m3 operands, applies both scales and the bias, and writes bf16.
+
+Cost: quantising an activation reads it once more and writes it in e4m3. Eager PyTorch
+does that in separate kernels, which can eat what the faster matmul saves; under
+torch.compile (teacher_runtime.compile) Inductor fuses it into the LayerNorm / GELU that
+produces the activation. benchmarks/throughput.py measures both.
 """
 from __future__ import annotations
 
@@ -26,9 +31,14 @@ _ALIGN = 16               # _scaled_mm on CUDA needs K and N multiples of 16
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [R, K] -> (e4m3 [R, K], fp32 scale [R, 1]) with x ~= q.float() * scale."""
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=_TINY) / E4M3_MAX
-    # The clamp guards against rounding just past 448, which the cast would turn into NaN.
-    q = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    with torch.profiler.record_function("fp8_quantize"):  # its own line in --profile
+        # One reduction without an |x| temporary, then in place on the one fp32 copy.
+        amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True,
+                                        dtype=torch.float32)
+        scale = amax.clamp_(min=_TINY).div_(E4M3_MAX)
+        # copy=True: an fp32 input must not be scaled in place. The clamp guards against
+        # rounding just past 448, which the cast turns into NaN.
+        q = x.to(torch.float32, copy=True).div_(scale).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return q, scale
 
 
@@ -55,6 +65,17 @@ class Float8Linear(nn.Module):
                              use_fast_accum=self.fast_accum)
         return y.view(*x.shape[:-1], self.out_features)
 
+    def _apply(self, fn, recurse=True):
+        # Device moves only: a module-wide .to(bf16) / .half() must not turn the e4m3
+        # weights and fp32 scales into something _scaled_mm refuses.
+        # (A cast round trip would round the fp32 scales: take the device from fn alone.)
+        device = fn(torch.empty(0, device=self.weight_fp8.device)).device
+        for name in ("weight_fp8", "weight_scale", "bias"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.to(device))
+        return self
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 rowwise"
 
@@ -74,17 +95,36 @@ def fp8_unsupported(device: torch.device) -> str | None:
     return None
 
 
+def fp8_blocker(encoder: nn.Module) -> str | None:
+    """Why `encoder`'s linears cannot be swapped (None when they can). Only plain timm ViT
+    blocks: other attention classes (BEiT, EVA) read `qkv.weight` directly."""
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Block, VisionTransformer
+    try:
+        from timm.layers.attention import Attention
+    except ImportError:  # timm < 1.0.16 kept it in the model file
+        from timm.models.vision_transformer import Attention
+    if type(encoder) is not VisionTransformer:
+        return f"{type(encoder).__name__} is not a plain timm VisionTransformer"
+    for i, block in enumerate(encoder.blocks):
+        if type(block) is not Block or type(block.attn) is not Attention \
+                or type(block.mlp) is not Mlp:
+            return f"block {i} is not Block(Attention, Mlp)"
+    return None
+
+
 def convert_to_fp8(encoder: nn.Module, fast_accum: bool = True) -> int:
-    """Swap the block linears of a frozen timm ViT for Float8Linear in place; returns how
-    many were swapped. Patch embedding, attention (SDPA) and norms stay in the encoder's
-    dtype: they are a few percent of the FLOPs and the most sensitive to rounding."""
-    blocks = getattr(encoder, "blocks", None)
-    if blocks is None:
-        raise ConfigError(f"fp8 teachers need a ViT with .blocks, got {type(encoder).__name__}")
+    """Swap the block linears (qkv, proj, fc1, fc2) of a frozen timm ViT for Float8Linear
+    in place; returns how many were swapped. Patch embedding, attention (SDPA) and norms
+    stay in the encoder's dtype: a few percent of the FLOPs, the most rounding-sensitive."""
+    reason = fp8_blocker(encoder)
+    if reason:
+        raise ConfigError(f"fp8 teacher matmuls: {reason}")
     swapped = 0
-    for block in blocks:
-        for parent in block.modules():
-            for name, child in list(parent.named_children()):
+    for block in encoder.blocks:
+        for parent, names in ((block.attn, ("qkv", "proj")), (block.mlp, ("fc1", "fc2"))):
+            for name in names:
+                child = getattr(parent, name)
                 if type(child) is nn.Linear and child.in_features % _ALIGN == 0 \
                         and child.out_features % _ALIGN == 0:
                     setattr(parent, name, Float8Linear(child, fast_accum))

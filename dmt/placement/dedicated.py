@@ -43,10 +43,14 @@ def comm_device() -> torch.device:
 
 def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`tensor` on `device` without a host sync: a copy from pageable memory to a GPU
-    waits for the whole GPU queue (the previous step included), so pin it first and
-    copy non_blocking (the caching host allocator keeps the pinned block until done)."""
+    waits for the whole GPU queue (the previous step included), so copy it into a pinned
+    buffer of our own first and copy that non_blocking (the caching host allocator keeps
+    the pinned block until done; the caller may reuse `tensor` at once)."""
     if tensor.device.type == "cpu" and device.type == "cuda":
-        tensor = tensor.pin_memory()
+        # pin_memory() returns an already pinned tensor itself: the async copy would then
+        # read the caller's buffer after we return, so copy that one into our own.
+        tensor = (torch.empty_like(tensor, pin_memory=True).copy_(tensor)
+                  if tensor.is_pinned() else tensor.pin_memory())
     return tensor.to(device, non_blocking=True)
 
 
