@@ -420,15 +420,20 @@ def build_fast(cfg: Config, bank: TeacherBank, student_arch: str, m: int, batch:
     placement = Colocated(method) if m else ConstantTargets(batch, student.num_tokens, dim, device)
 
     def step(b, phases: Phases):
-        targets = placement.targets(b)
-        phases.mark()
-        out = method(b, targets=targets)
-        engine.backward(out["loss"])
-        phases.mark()
-        engine.step()
-        phases.mark()
+        fast_step(placement, method, engine, b, phases)
 
     return step, {"engine": engine, "teachers": teachers, "student": student}
+
+
+def fast_step(placement, method, engine, b, phases: Phases) -> None:
+    """One DMT training step, phase by phase: targets, student forward+backward, optimizer."""
+    targets = placement.targets(b)
+    phases.mark()
+    out = method(b, targets=targets)
+    engine.backward(out["loss"])
+    phases.mark()
+    engine.step()
+    phases.mark()
 
 
 def build_reference(cfg: Config, bank: TeacherBank, student_arch: str, m: int, batch: int,
@@ -788,13 +793,7 @@ def placement_worker(rank: int, world: int, port: int, spec: dict, out_dir: str)
                 phases, start = Phases(device), time.perf_counter()
             b = next(batches)
             phases.start(0.0)
-            targets = placement.targets(b)
-            phases.mark()
-            out = method(b, targets=targets)
-            engine.backward(out["loss"])
-            phases.mark()
-            engine.step()
-            phases.mark()
+            fast_step(placement, method, engine, b, phases)
         _sync(device)
         wall = time.perf_counter() - start
     placement.close()
