@@ -51,20 +51,19 @@ def profile_steps(step, batches, phases_factory, steps: int, device: torch.devic
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    for _ in range(warmup):
-        scratch = phases_factory()
-        scratch.start(0.0)
-        step(next(batches), scratch)
-    if cuda:
-        torch.cuda.synchronize(device)
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for _ in range(steps):
+
+    def run(n: int) -> None:
+        for _ in range(n):
             phases = phases_factory()
             phases.start(0.0)
             step(next(batches), phases)
         if cuda:
             torch.cuda.synchronize(device)
+
+    run(warmup)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        run(steps)
         wall_ms = 1e3 * (time.perf_counter() - start) / steps
     ops, by_category = [], {}
     for event in prof.key_averages():
