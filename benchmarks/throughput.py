@@ -7,9 +7,10 @@
 For every cell of the matrix (student x number of teachers x placement x data source)
 two steps run side by side in the same process on the same batches:
 
-- fast: the student in a DeepSpeed engine (ZeRO, bf16 on GPUs, client torch AdamW, fused
-  on CUDA) and the teachers through dmt.models.fast (weights converted once, inference
-  mode, SDPA, stacked and/or compiled where measured faster);
+- fast: the student in a DeepSpeed engine (ZeRO, bf16 on GPUs, client fused torch
+  AdamW, the trainer's on-device non-finite guard) and the teachers through
+  dmt.models.fast (weights converted once, inference mode, SDPA, stacked and/or
+  compiled where measured faster);
 - reference, the conventional way peers run it: fp32 timm teachers under torch.no_grad
   and torch.autocast(fp16), the student in a plain PyTorch loop with torch AdamW
   (autocast fp16 + GradScaler on GPUs).
@@ -47,6 +48,8 @@ from benchmarks.common import (RESULTS_DIR, MemorySampler, command_line,  # noqa
                                machine_description, timestamp, write_json)
 from dmt.flops import (PeakFlops, device_peak_flops, dmt_step_flops,  # noqa: E402
                        measure_matmul_flops, shape_flops, vit_shape)
+from dmt.engine.distributed import skip_lone_allreduce  # noqa: E402
+from dmt.engine.step_guard import StepGuard  # noqa: E402
 from dmt.losses import DistillationLoss, fuse_teachers  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -376,7 +379,8 @@ def _ds_config(batch: int, precision: str, zero_stage: int, cuda: bool) -> dict:
         # buffers with overlap_comm) would add 2 GB to every step's peak memory.
         "zero_optimization": {"stage": zero_stage, "overlap_comm": cuda,
                               "reduce_bucket_size": int(5e7), "allgather_bucket_size": int(5e7)},
-        "bf16": {"enabled": precision == "bf16"},
+        # dmt's StepGuard calls off non-finite steps on the device: no host sync needed.
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 12},
         "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
@@ -409,28 +413,32 @@ def build_fast(cfg: Config, bank: TeacherBank, student_arch: str, m: int, batch:
                          teacher_choice.get("fp8", False)) if m else None
     dim = teachers.embed_dim if m else vit_shape(bank.arch, cfg.img_size).width
     student = _student(student_arch, dim, cfg.img_size)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.05,
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer,
                                       config=_ds_config(batch, cfg.precision, cfg.zero_stage,
                                                         device.type == "cuda"))
+    guard = StepGuard(optimizer, device)
+    skip_lone_allreduce(engine)  # as the trainer does
     if cfg.compile_student:
         engine.compile()
     method = DMT(engine, teachers, DistillationLoss())
     placement = Colocated(method) if m else ConstantTargets(batch, student.num_tokens, dim, device)
 
     def step(b, phases: Phases):
-        fast_step(placement, method, engine, b, phases)
+        fast_step(placement, method, engine, guard, b, phases)
 
     return step, {"engine": engine, "teachers": teachers, "student": student}
 
 
-def fast_step(placement, method, engine, b, phases: Phases) -> None:
-    """One DMT training step, phase by phase: targets, student forward+backward, optimizer."""
+def fast_step(placement, method, engine, guard: StepGuard, b, phases: Phases) -> None:
+    """One DMT training step as the trainer runs it, phase by phase: targets, student
+    forward+backward, optimizer (with the trainer's on-device non-finite guard)."""
     targets = placement.targets(b)
     phases.mark()
     out = method(b, targets=targets)
+    guard.observe(out)
     engine.backward(out["loss"])
+    guard.decide()
     phases.mark()
     engine.step()
     phases.mark()
@@ -773,7 +781,7 @@ def placement_worker(rank: int, world: int, port: int, spec: dict, out_dir: str)
         return
     dim = vit_shape(cfg.teacher_arch, cfg.img_size).width
     student = _student(spec["student"], dim, cfg.img_size)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.05, fused=cuda)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
     n_students = placement.data_world_size
     engine, *_ = deepspeed.initialize(
         model=student, optimizer=optimizer, mpu=placement.mpu,
@@ -781,6 +789,8 @@ def placement_worker(rank: int, world: int, port: int, spec: dict, out_dir: str)
                 "train_micro_batch_size_per_gpu": batch})
     method.student = engine
     group = placement.mpu.get_data_parallel_group() if placement.mpu else None
+    guard = StepGuard(optimizer, device, group)
+    skip_lone_allreduce(engine, group)
     batches = data(placement.data_rank)
     phases = Phases(device)
     if cuda:
@@ -793,7 +803,7 @@ def placement_worker(rank: int, world: int, port: int, spec: dict, out_dir: str)
                 phases, start = Phases(device), time.perf_counter()
             b = next(batches)
             phases.start(0.0)
-            fast_step(placement, method, engine, b, phases)
+            fast_step(placement, method, engine, guard, b, phases)
         _sync(device)
         wall = time.perf_counter() - start
     placement.close()

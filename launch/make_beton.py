@@ -28,12 +28,16 @@ def main(argv=None) -> int:
     parser.add_argument("--write-mode", choices=("jpg", "raw", "smart"), default="jpg",
                         help="FFCV storage: re-encoded JPEG (default), raw pixels, or smart")
     parser.add_argument("--workers", type=int, default=None, help="writer processes (default: all cores)")
+    parser.add_argument("--probe-cache", default="auto",
+                        help="probe index shared with the DALI backend: auto (default: "
+                             "<src>/.dmt_probe_cache.json, else ~/.cache/dmt/), a file, or off")
     args = parser.parse_args(argv)
 
     start = time.time()
     try:
         report = write_beton(args.src, args.out, max_side=args.max_side, quality=args.quality,
-                             write_mode=args.write_mode, num_workers=args.workers)
+                             write_mode=args.write_mode, num_workers=args.workers,
+                             probe_cache=args.probe_cache)
     except DataError as error:
         print(f"make_beton: error: {error}", file=sys.stderr)
         return 1
@@ -41,6 +45,9 @@ def main(argv=None) -> int:
     classes = f"{len(report.classes)} class" + ("es" if len(report.classes) != 1 else "")
     print(f"wrote {report.written} images ({classes}) to {report.path} "
           f"({size_mb:.1f} MiB) in {time.time() - start:.1f}s")
+    total = report.written + len(report.skipped)
+    print(f"probed {report.probed} of {total} file(s) ({total - report.probed} known from "
+          "the probe cache)")
     print(f"skipped {len(report.skipped)} unreadable file(s)")
     for path, reason in report.skipped:
         print(f"  skipped {path}: {reason}")

@@ -51,6 +51,12 @@ def test_make_beton_reports_skipped_files(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "wrote 10 images (2 classes)" in printed
     assert "skipped 1 unreadable file" in printed and "broken.jpg" in printed
+    assert "probed 11 of 11 file(s) (0 known from the probe cache)" in printed
+    # Again: every verdict, the broken file's too, comes from the probe index it wrote.
+    assert make_beton.main([str(folder), str(tmp_path / "again.beton"), "--max-side", "48"]) == 0
+    printed = capsys.readouterr().out
+    assert "probed 0 of 11 file(s) (11 known from the probe cache)" in printed
+    assert "skipped 1 unreadable file" in printed and "broken.jpg" in printed
     from ffcv.reader import Reader
     reader = Reader(str(out))
     assert reader.num_samples == 10

@@ -164,36 +164,72 @@ sys.exit(pretrain.main(sys.argv[1:]))
 """
 
 
+def _checkpoint_tensors(step_dir) -> dict:
+    """Every tensor DeepSpeed saved for one step (weights, AdamW moments and step counts,
+    ZeRO partitions), by file and key path; RNG states left out."""
+    found = {}
+
+    def walk(obj, key):
+        if torch.is_tensor(obj):
+            found[key] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{key}/{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{key}/{i}")
+
+    for file in sorted(step_dir.glob("*.pt")):
+        if not file.name.startswith("rng_"):
+            walk(torch.load(file, map_location="cpu", weights_only=False), file.name)
+    return found
+
+
 @pytest.mark.slow
 def test_nonfinite_loss_skips_step_then_stops(tmp_path, images):
-    cfg = tiny_config(tmp_path, images, name="nan", run={"epochs": 1, "max_nonfinite": 3})
+    cfg = tiny_config(tmp_path, images, name="nan", run={"epochs": 1, "max_nonfinite": 3,
+                                                         "checkpoint_every": 1, "keep_last": 4})
 
-    def run(bad_calls, name):
+    def run(bad_calls, name, *overrides):
         script = NAN_SCRIPT.replace("BAD_CALLS", repr(set(bad_calls)))
         return subprocess.run([sys.executable, "-c", script, "--config", str(cfg),
-                               f"run.name={name}"], cwd=REPO, capture_output=True, text=True,
-                              env={**__import__("engine_utils").clean_env()})
+                               f"run.name={name}", *overrides], cwd=REPO, capture_output=True,
+                              text=True, env={**__import__("engine_utils").clean_env()})
 
     # micro 4, global 8: 2 micro-batches a step. Poisoning call 3 hits step 2 only.
-    check(run([3], "once"))
-    rows = metrics(tmp_path / "runs" / "once")
-    assert [r["skipped_nonfinite"] for r in rows] == [False, True, False, False]
-    state = json.loads((tmp_path / "runs" / "once" / "checkpoints" / "step00000004" /
-                        "trainer_state.json").read_text())
-    assert state["nonfinite_total"] == 1
+    # ZeRO-0 fp32, ZeRO-2 fp32, and ZeRO-2 bf16 with DeepSpeed's own overflow check off.
+    for name, ds_config in [("once", "cpu_fp32"), ("once_zero2", "zero2_fp32"),
+                            ("once_bf16", "zero2_bf16")]:
+        check(run([3], name, f"deepspeed.config=ds_configs/{ds_config}.json"))
+        rows = metrics(tmp_path / "runs" / name)
+        assert [r["skipped_nonfinite"] for r in rows] == [False, True, False, False]
+        ckpts = tmp_path / "runs" / name / "checkpoints"
+        state = json.loads((ckpts / "step00000004" / "trainer_state.json").read_text())
+        assert state["nonfinite_total"] == 1
+        # The skipped step changed nothing: weights, both AdamW moments and its step count
+        # are those after step 1, bit for bit (lr 0 would still have moved the moments).
+        # The (non-finite) gradients were dropped: step 3 trains on.
+        after = [_checkpoint_tensors(ckpts / f"step0000000{i}") for i in (1, 2, 3)]
+        assert after[0].keys() == after[1].keys() and any("exp_avg_sq" in k for k in after[0])
+        for key, value in after[0].items():
+            assert torch.equal(value, after[1][key]), (ds_config, key)
+        moved = [k for k, v in after[2].items() if not torch.equal(v, after[1][k])]
+        assert any("exp_avg" in k for k in moved) and all(torch.isfinite(v).all()
+                                                          for v in after[2].values())
     # Every step poisoned: three in a row, then a clear stop.
     result = run(range(1, 100), "always")
     assert result.returncode == 2
     assert "3 non-finite losses in a row" in result.stderr
-    # Non-finite student activations would give NaN gradients even through the zero
-    # surrogate: the run stops before the optimizer touches the weights.
+    # Non-finite student activations: the student itself has gone wrong, so the run stops
+    # before the optimizer touches the weights, naming the last checkpoint (step 1).
     script = TOKENS_SCRIPT.replace("BAD_CALLS", "{3}")
     result = subprocess.run([sys.executable, "-c", script, "--config", str(cfg),
                              "run.name=tokens"], cwd=REPO, capture_output=True, text=True,
                             env=__import__("engine_utils").clean_env())
     assert result.returncode == 2
     assert "stopping at step 2: the student produced non-finite activations" in result.stderr
-    assert not (tmp_path / "runs" / "tokens" / "checkpoints" / "latest").exists()
+    assert "last checkpoint is" in result.stderr and "step00000001" in result.stderr
+    assert (tmp_path / "runs" / "tokens" / "checkpoints" / "latest").read_text() == "step00000001"
 
 
 TOKENS_SCRIPT = NAN_SCRIPT.replace(

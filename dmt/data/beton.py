@@ -1,8 +1,9 @@
 """Write an FFCV .beton from an image folder (used by launch/make_beton.py).
 
-Every file is probed first (dmt.data.images.probe_files): FFCV's writer cannot skip
-a sample once it has started, so undecodable files are left out up front and
-reported by name. Decodable greyscale, CMYK and RGBA images are stored as RGB.
+Every file is probed first (dmt.data.probe, with the same cache as the DALI backend, so
+a folder probed by either is not decoded again): FFCV's writer cannot skip a sample once
+it has started, so undecodable files are left out up front and reported by name.
+Decodable greyscale, CMYK and RGBA images are stored as RGB.
 
 FFCV's writer forks its workers; forked from a process that already runs threads
 (DALI, OpenMP, a thread pool) a worker can inherit a held lock and hang forever,
@@ -19,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from dmt.data.folder import scan_image_folder
-from dmt.data.images import open_rgb, probe_files
+from dmt.data.images import open_rgb
+from dmt.data.probe import probe_folder
 from dmt.errors import DataError
 
 
@@ -29,6 +31,7 @@ class BetonReport:
     written: int
     classes: list
     skipped: list = field(default_factory=list)  # [(path, reason)]
+    probed: int = 0  # files decoded by the probe now; the others came from its cache
 
 
 class _RGBFolder:
@@ -57,16 +60,18 @@ def _write(out, files, labels, max_side, quality, write_mode, workers):
 
 
 def write_beton(src, out, max_side=None, quality: int = 90, write_mode: str = "jpg",
-                num_workers=None) -> BetonReport:
+                num_workers=None, probe_cache="auto") -> BetonReport:
     """Write src's decodable images (+ class labels) to `out`; report what was skipped.
 
     max_side: shrink images whose longer side exceeds it (None keeps sizes).
     write_mode: FFCV's "jpg" (re-encode at `quality`), "raw" (pixels) or "smart".
+    probe_cache: where the probe index lives (dmt.data.probe.cache_path; "off" for none).
     """
     folder = scan_image_folder(src)
     workers = num_workers or os.cpu_count() or 1
-    sizes, skipped = probe_files(folder.files, num_threads=max(workers, 4))
-    good = [i for i, s in enumerate(sizes) if s is not None]
+    probe = probe_folder(folder, cache=probe_cache, num_threads=max(workers, 4), shard=False)
+    skipped = probe.bad
+    good = np.flatnonzero(probe.decodable).tolist()
     if not good:
         raise DataError(f"image folder {str(folder.root)!r}: none of its {len(folder)} "
                         "image files can be decoded; nothing to write")
@@ -84,7 +89,8 @@ def write_beton(src, out, max_side=None, quality: int = 90, write_mode: str = "j
                           text=True, env=env)
     if done.returncode != 0:
         raise DataError(f"the FFCV writer failed writing {str(out)!r} (exit code {done.returncode})")
-    return BetonReport(path=out, written=len(good), classes=folder.classes, skipped=skipped)
+    return BetonReport(path=out, written=len(good), classes=folder.classes, skipped=skipped,
+                       probed=probe.probed)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ Used by the torch backend at run time, and up front by the DALI backend (through
 dmt.data.probe: sharded across ranks, cached) and the .beton writer, which cannot skip
 a file once their pipelines run.
 """
-from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
@@ -59,15 +58,3 @@ def probe_one(path) -> tuple:
     except UNDECODABLE_ERRORS as error:
         lasting = not (isinstance(error, OSError) and error.errno is not None)
         return None, f"{type(error).__name__}: {error}", lasting
-
-
-def probe_files(paths, num_threads: int = 8):
-    """Probe many files in parallel (PIL releases the GIL while decoding).
-
-    Returns (sizes, bad): sizes[i] = (height, width) or None; bad = [(path, reason)].
-    """
-    with ThreadPoolExecutor(max(1, num_threads)) as pool:
-        results = list(pool.map(probe_one, paths))
-    sizes = [size for size, _, _ in results]
-    bad = [(str(p), why) for p, (_, why, _) in zip(paths, results) if why is not None]
-    return sizes, bad

@@ -66,3 +66,15 @@ def setup_distributed() -> DistInfo:
 def barrier(group=None) -> None:
     if dist.is_initialized():
         dist.barrier(group=group)
+
+
+def skip_lone_allreduce(engine, group=None) -> bool:
+    """A DeepSpeed engine without ZeRO on a single data-parallel rank still copies every
+    gradient into a bucket and back around an all-reduce over that one rank: three passes
+    over the gradients for nothing. Turn it off there; ZeRO stages keep it, as their
+    reduction is also what moves the gradients to the optimizer's partitions."""
+    lone = dist.get_world_size(group) == 1 if dist.is_initialized() else True
+    if lone and engine.zero_optimization_stage() == 0:
+        engine.enable_backward_allreduce = False
+        return True
+    return False

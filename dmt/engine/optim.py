@@ -40,8 +40,8 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, minimum: 
     return minimum + (peak - minimum) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, optim_cfg: dict, device: torch.device) -> torch.optim.AdamW:
-    # A client torch AdamW: fused on CUDA, and no DeepSpeed op to compile on CPU.
+def build_optimizer(model: nn.Module, optim_cfg: dict) -> torch.optim.AdamW:
+    # torch's fused AdamW, on CUDA and on CPU (no DeepSpeed op to compile); fused also
+    # because only the fused kernel can call a step off on the device (StepGuard).
     return torch.optim.AdamW(param_groups(model, optim_cfg["weight_decay"]),
-                             lr=peak_lr(optim_cfg), betas=tuple(optim_cfg["betas"]),
-                             fused=device.type == "cuda")
+                             lr=peak_lr(optim_cfg), betas=tuple(optim_cfg["betas"]), fused=True)

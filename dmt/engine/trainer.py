@@ -22,9 +22,10 @@ from dmt.build import DTYPES, build_method, build_student, build_teachers
 from dmt.config import batch_arithmetic, dump_config, resolve_path, student_ranks
 from dmt.data import build_loader, write_sample_images
 from dmt.engine import checkpoint as ckpt
-from dmt.engine.distributed import DistInfo, barrier
+from dmt.engine.distributed import DistInfo, barrier, skip_lone_allreduce
 from dmt.engine.logger import RunLogger
 from dmt.engine.optim import build_optimizer, lr_at, peak_lr
+from dmt.engine.step_guard import StepGuard
 from dmt.errors import ConfigError, DMTError
 from dmt.models.fast import optimize_teachers
 from dmt.placement import build_placement
@@ -173,12 +174,14 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
         return {"run_dir": run_dir, "role": "teacher", **state}
 
     # --- the student engine, confined to the student ranks by the placement's mpu
-    optimizer = build_optimizer(student, optim_cfg, info.device)
-    engine, optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
+    client_optimizer = build_optimizer(student, optim_cfg)
+    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=client_optimizer,
                                                    config=ds_config,
                                                    mpu=placement.mpu)
     method.student = engine
     group = placement.mpu.get_data_parallel_group() if placement.mpu else None
+    guard = StepGuard(client_optimizer, info.device, group)  # calls off non-finite steps
+    skip_lone_allreduce(engine, group)
     if resume_from is not None:
         ckpt.load_checkpoint(engine, resume_from, info.rank)
         log.info(f"resumed from {resume_from} at step {state['global_step']} "
@@ -208,8 +211,10 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     while state["global_step"] < total_steps:
         lr = lr_at(state["global_step"], schedule_steps, warmup_steps(optim_cfg, steps_per_epoch),
                    peak, optim_cfg["min_lr"])
-        terms, data_wait, indices, bad_step = None, 0.0, [], False
-        for _ in range(accum):
+        for param_group in client_optimizer.param_groups:
+            param_group["lr"] = lr
+        terms, data_wait, indices = None, 0.0, []
+        for micro in range(accum):
             t0 = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - t0
@@ -217,59 +222,38 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
             targets = placement.targets(batch)
             out = method({"student": batch["student"].to(info.device, student_dtype,
                                                          non_blocking=True)}, targets=targets)
-            loss = out["loss"]
-            # One flag, agreed by all student ranks, so every rank skips the same steps:
-            # 1 = non-finite loss (skip the step), 2 = non-finite student tokens (stop: their
-            # gradients would be NaN even through a zero surrogate and reach the weights).
-            bad = torch.maximum((~torch.isfinite(loss.detach())).float(),
-                                2.0 * (~torch.isfinite(out["student_tokens"].detach())).any().float())
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
-            bad = bad.item()
-            if bad == 2:
-                log.close()
-                raise DMTError(f"stopping at step {state['global_step'] + 1}: the student produced "
-                               "non-finite activations; the weights are untouched and the last "
-                               f"checkpoint is {last_ckpt or 'none'}. Lower the lr, enable "
-                               "optim.clip_grad, or use bf16 instead of fp16.")
-            if bad:
-                bad_step = True
-                loss = (out["student_tokens"] * 0).sum()  # zero grads; DeepSpeed hooks still fire
+            guard.observe(out)
             step_terms = torch.stack([out[k].detach().float() for k in ("loss", *method.loss.terms)])
             terms = step_terms if terms is None else terms + step_terms
-            for param_group in engine.optimizer.param_groups:
-                param_group["lr"] = 0.0 if bad_step else lr  # lr 0: a skipped step moves nothing
-            engine.backward(loss)
+            engine.backward(out["loss"])
+            if micro == accum - 1:
+                # A non-finite micro-batch on any rank calls off this optimizer step on
+                # every rank, on the device; the host reads the verdict at the flush.
+                verdict = guard.decide()
             engine.step()
         state["global_step"] += 1
         state["step_in_epoch"] += 1
-        streak = streak + 1 if bad_step else 0
-        state["nonfinite_total"] += int(bad_step)
-        pending.append({"terms": terms / accum, "lr": lr, "data_wait": data_wait,
-                        "bad": bad_step, "digest": _digest(indices),
+        pending.append({"terms": terms / accum, "verdict": verdict, "lr": lr,
+                        "data_wait": data_wait, "digest": _digest(indices),
                         "step": state["global_step"], "epoch": state["epoch"]})
         log.advance(state["epoch"])
-        if bad_step:
-            log.warn(f"step {state['global_step']}: non-finite loss, step skipped "
-                     f"({streak} in a row, {state['nonfinite_total']} in total)")
-        if streak >= run_cfg["max_nonfinite"]:
-            log.close()
-            raise DMTError(f"stopping: {streak} non-finite losses in a row (run.max_nonfinite="
-                           f"{run_cfg['max_nonfinite']}) at step {state['global_step']}; the last "
-                           f"checkpoint is {last_ckpt or 'none'}. Lower the lr, enable "
-                           "optim.clip_grad, or check the data.")
         if state["step_in_epoch"] == steps_per_epoch:
             state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
             if loader.skipped > skipped_reported:
-                log.warn(f"epoch {state['epoch'] - 1}: skipped {loader.skipped - skipped_reported}"
-                         f" unreadable file(s) on rank 0: {loader.skipped_files[-5:]}")
-                skipped_reported = 0  # files a backend rejected up front are reported with epoch 0
+                new_files = loader.skipped_files[skipped_reported:]
+                log.warn(f"epoch {state['epoch'] - 1}: {len(new_files)} newly found unreadable "
+                         f"file(s) skipped on rank 0 ({loader.skipped} so far): {new_files[:5]}")
+                skipped_reported = loader.skipped
         done = state["global_step"] == total_steps
-        if len(pending) >= run_cfg["log_every"] or done:
+        saving = checkpoint_due(state["global_step"], run_cfg, total_steps)
+        if len(pending) >= run_cfg["log_every"] or done or saving:  # a checkpoint holds the counts
             elapsed = time.perf_counter() - window_start
-            _flush(pending, log, method.loss.terms, total_steps,
-                   optim_cfg["global_batch"] * len(pending) / elapsed, info, group)
+            verdicts = _flush(pending, log, method.loss.terms, total_steps,
+                              optim_cfg["global_batch"] * len(pending) / elapsed, info, group)
+            for row, bad in zip(pending, verdicts):
+                streak = _judge_step(row["step"], bad, streak, state, run_cfg, log, last_ckpt)
             pending, window_start = [], time.perf_counter()
-        if checkpoint_due(state["global_step"], run_cfg, total_steps):
+        if saving:
             last_ckpt = ckpt.save_checkpoint(engine, run_dir / "checkpoints", state["global_step"],
                                              {**state, "config": cfg}, info.rank,
                                              run_cfg["keep_last"], group=group)
@@ -303,6 +287,32 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
             "exported": exported, **state}
 
 
+def _judge_step(step: int, verdict: float, streak: int, state: dict, run_cfg: dict,
+                log: RunLogger, last_ckpt) -> int:
+    """Count and report a called-off step once the host has read its verdict; stop the run
+    when the student went non-finite or after run.max_nonfinite in a row. Returns the
+    streak of called-off steps."""
+    if verdict == 0:
+        return 0
+    streak += 1
+    state["nonfinite_total"] += 1
+    if verdict == 2:
+        log.close()
+        raise DMTError(f"stopping at step {state['global_step']}: the student produced "
+                       f"non-finite activations at step {step}; that step was called off, so "
+                       f"the weights hold none of them. The last checkpoint is {last_ckpt or 'none'}."
+                       " Lower the lr, enable optim.clip_grad, or use bf16 instead of fp16.")
+    log.warn(f"step {step}: non-finite loss, step skipped ({streak} in a row, "
+             f"{state['nonfinite_total']} in total)")
+    if streak >= run_cfg["max_nonfinite"]:
+        log.close()
+        raise DMTError(f"stopping: {streak} non-finite losses in a row (run.max_nonfinite="
+                       f"{run_cfg['max_nonfinite']}) at step {step}; the last checkpoint is "
+                       f"{last_ckpt or 'none'}. Lower the lr, enable optim.clip_grad, or check "
+                       "the data.")
+    return streak
+
+
 def warmup_steps(optim_cfg: dict, steps_per_epoch: int) -> int:
     return round(optim_cfg["warmup_epochs"] * steps_per_epoch)
 
@@ -330,14 +340,18 @@ def _serve_targets(placement, loaders, state: dict, steps_per_epoch: int, accum:
 
 
 def _flush(pending: list[dict], log: RunLogger, terms: tuple[str, ...], total_steps: int,
-           img_per_s: float, info: DistInfo, group) -> None:
-    """One host sync per window: reduce the window's loss terms across ranks, write lines."""
+           img_per_s: float, info: DistInfo, group) -> list[float]:
+    """One host sync per window: reduce the window's loss terms across ranks, write lines.
+    Returns the window's step verdicts (already agreed by all ranks)."""
     values = torch.stack([p["terms"] for p in pending])
     dist.all_reduce(values, group=group)
-    values = (values / dist.get_world_size(group)).tolist()
+    values = values / dist.get_world_size(group)
+    verdicts = torch.stack([p["verdict"] for p in pending]).to(values.dtype)
+    rows = torch.cat([values, verdicts[:, None]], 1).tolist()
     memory = _peak_memory_gb(info.device)
     log.log_steps([{"step": p["step"], "total_steps": total_steps, "epoch": p["epoch"],
-                    "loss": v[0], **{t: x for t, x in zip(terms, v[1:])}, "lr": p["lr"],
+                    "loss": v[0], **{t: x for t, x in zip(terms, v[1:-1])}, "lr": p["lr"],
                     "img_per_s": img_per_s, "data_wait_s": p["data_wait"],
-                    "peak_mem_gb": memory, "skipped_nonfinite": p["bad"],
-                    "sample_digest": p["digest"]} for p, v in zip(pending, values)])
+                    "peak_mem_gb": memory, "skipped_nonfinite": v[-1] > 0,
+                    "sample_digest": p["digest"]} for p, v in zip(pending, rows)])
+    return [v[-1] for v in rows]
