@@ -379,8 +379,7 @@ def _ds_config(batch: int, precision: str, zero_stage: int, cuda: bool) -> dict:
         # buffers with overlap_comm) would add 2 GB to every step's peak memory.
         "zero_optimization": {"stage": zero_stage, "overlap_comm": cuda,
                               "reduce_bucket_size": int(5e7), "allgather_bucket_size": int(5e7)},
-        # dmt's StepGuard calls off non-finite steps on the device: no host sync needed.
-        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": False},
+        "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 12},
         "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,

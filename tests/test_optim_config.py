@@ -100,6 +100,16 @@ def test_deepspeed_config_takes_batch_arithmetic_and_clipping_from_the_yaml(tmp_
     cfg["deepspeed"]["config"] = str(own)
     with pytest.raises(ConfigError, match="remove the 'optimizer' section"):
         deepspeed_config(cfg, accum=2)
+    for section, key in [('"torch_autocast": {"enabled": true}', "torch_autocast.enabled"),
+                         ('"zero_optimization": {"stage": 2, "offload_optimizer": '
+                          '{"device": "cpu"}}', "zero_optimization.offload_optimizer"),
+                         ('"bf16": {"enabled": true, "check_grad_overflow": false}',
+                          "bf16.check_grad_overflow=false")]:
+        own.write_text("{" + section + "}")
+        with pytest.raises(ConfigError, match=f"does not support {key}"):
+            deepspeed_config(cfg, accum=2)
+    own.write_text('{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}}')
+    assert deepspeed_config(cfg, accum=2)["zero_optimization"]["stage"] == 2
 
 
 @pytest.mark.parametrize("override, message", [

@@ -33,10 +33,10 @@ class StepGuard:
         # Fused AdamW reads `found_inf` in its kernel (the hook torch's GradScaler uses):
         # 1.0 skips the step. DeepSpeed calls this client optimizer once per parameter
         # group (ZeRO-1/2) or sub-group (ZeRO-3); every call reads the same flag.
-        self.skip = torch.zeros((), device=device)
+        self.skip = torch.zeros((), dtype=torch.float32, device=device)  # the kernel's dtype
         optimizer.found_inf = self.skip
         self.group, self.device = group, device
-        self.verdict = torch.zeros((), device=device)
+        self.verdict = torch.zeros((), dtype=torch.float32, device=device)
 
     def observe(self, out: dict) -> None:
         self.verdict = torch.maximum(self.verdict, nonfinite_verdict(out))
@@ -44,7 +44,8 @@ class StepGuard:
     def decide(self) -> torch.Tensor:
         """The step's verdict, agreed by every rank of the group, still on the device; the
         flag is set from it and the guard starts afresh for the next step."""
-        verdict, self.verdict = self.verdict, torch.zeros((), device=self.device)
+        verdict, self.verdict = self.verdict, torch.zeros((), dtype=torch.float32,
+                                                          device=self.device)
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(verdict, op=dist.ReduceOp.MAX, group=self.group)
         self.skip.copy_(verdict > 0)

@@ -43,6 +43,20 @@ def deepspeed_config(cfg: dict, accum: int, path: str | None = None) -> dict:
         if key in ds:  # dmt owns these: client AdamW + the per-step schedule below
             raise ConfigError(f"{file}: remove the '{key}' section; dmt configures it from "
                               "the 'optim' section of the experiment YAML")
+    # The skip flag of non-finite steps lives on dmt's client optimizer (StepGuard) and
+    # DeepSpeed's gradient overflow check covers what the guard does not see.
+    zero = ds.get("zero_optimization", {})
+    refused = {
+        "torch_autocast.enabled": ds.get("torch_autocast", {}).get("enabled", False),
+        "zero_optimization.offload_optimizer": zero.get("offload_optimizer", {}).get(
+            "device", "none") not in ("none", None),
+        "bf16.check_grad_overflow=false": ds.get("bf16", {}).get("check_grad_overflow", True)
+        is False,
+    }
+    for key, present in refused.items():
+        if present:
+            raise ConfigError(f"{file}: dmt does not support {key}: it would bypass the "
+                              "skipping of non-finite steps (dmt/engine/step_guard.py)")
     ds["train_batch_size"] = cfg["optim"]["global_batch"]
     ds["train_micro_batch_size_per_gpu"] = cfg["optim"]["micro_batch"]
     ds["gradient_accumulation_steps"] = accum
