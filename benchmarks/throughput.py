@@ -416,7 +416,7 @@ def build_fast(cfg: Config, bank: TeacherBank, student_arch: str, m: int, batch:
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer,
                                       config=_ds_config(batch, cfg.precision, cfg.zero_stage,
                                                         device.type == "cuda"))
-    guard = StepGuard(optimizer, device)
+    guard = StepGuard.for_engine(engine, optimizer, device)
     skip_lone_allreduce(engine)  # as the trainer does
     if cfg.compile_student:
         engine.compile()
@@ -788,7 +788,7 @@ def placement_worker(rank: int, world: int, port: int, spec: dict, out_dir: str)
                 "train_micro_batch_size_per_gpu": batch})
     method.student = engine
     group = placement.mpu.get_data_parallel_group() if placement.mpu else None
-    guard = StepGuard(optimizer, device, group)
+    guard = StepGuard.for_engine(engine, optimizer, device, group)
     skip_lone_allreduce(engine, group)
     batches = data(placement.data_rank)
     phases = Phases(device)

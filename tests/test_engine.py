@@ -164,6 +164,13 @@ sys.exit(pretrain.main(sys.argv[1:]))
 """
 
 
+GRADS_SCRIPT = NAN_SCRIPT.replace(
+    'out["loss"] = out["loss"] * float("nan")',
+    # a finite loss with NaN gradients: sqrt at 0 has an infinite slope, times 0
+    'out["loss"] = out["loss"] + 0.0 * torch.sqrt(s - s.detach()).sum()')
+assert GRADS_SCRIPT != NAN_SCRIPT
+
+
 def _checkpoint_tensors(step_dir) -> dict:
     """Every tensor DeepSpeed saved for one step (weights, AdamW moments and step counts,
     ZeRO partitions), by file and key path; RNG states left out."""
@@ -190,17 +197,24 @@ def test_nonfinite_loss_skips_step_then_stops(tmp_path, images):
     cfg = tiny_config(tmp_path, images, name="nan", run={"epochs": 1, "max_nonfinite": 3,
                                                          "checkpoint_every": 1, "keep_last": 4})
 
-    def run(bad_calls, name, *overrides):
-        script = NAN_SCRIPT.replace("BAD_CALLS", repr(set(bad_calls)))
+    def run(bad_calls, name, *overrides, script=NAN_SCRIPT):
+        script = script.replace("BAD_CALLS", repr(set(bad_calls)))
         return subprocess.run([sys.executable, "-c", script, "--config", str(cfg),
                                f"run.name={name}", *overrides], cwd=REPO, capture_output=True,
                               text=True, env={**__import__("engine_utils").clean_env()})
 
     # micro 4, global 8: 2 micro-batches a step. Poisoning call 3 hits step 2 only.
     # No ZeRO, fp32 (the guard's flag in the fused AdamW kernel skips the step), and the
-    # default ZeRO-2 bf16 (DeepSpeed's gradient overflow check sees the NaN first).
-    for name, ds_config in [("once", "cpu_fp32"), ("once_bf16", "zero2_bf16")]:
-        check(run([3], name, f"deepspeed.config=ds_configs/{ds_config}.json"))
+    # default ZeRO-2 bf16 (DeepSpeed's gradient overflow check sees the NaN first); then
+    # NaN gradients under a finite loss, where no-ZeRO fp32 relies on the guard alone.
+    for name, ds_config, script in [("once", "cpu_fp32", NAN_SCRIPT),
+                                    ("once_bf16", "zero2_bf16", NAN_SCRIPT),
+                                    ("grads", "cpu_fp32", GRADS_SCRIPT)]:
+        result = check(run([3], name, f"deepspeed.config=ds_configs/{ds_config}.json",
+                           script=script))
+        if script is GRADS_SCRIPT:
+            assert ("step 2: non-finite gradients (the loss was finite), step skipped"
+                    in result.stdout + result.stderr)
         rows = metrics(tmp_path / "runs" / name)
         assert [r["skipped_nonfinite"] for r in rows] == [False, True, False, False]
         ckpts = tmp_path / "runs" / name / "checkpoints"
@@ -219,7 +233,7 @@ def test_nonfinite_loss_skips_step_then_stops(tmp_path, images):
     # Every step poisoned: three in a row, then a clear stop.
     result = run(range(1, 100), "always")
     assert result.returncode == 2
-    assert "3 non-finite losses in a row" in result.stderr
+    assert "3 non-finite steps in a row" in result.stderr
     # Non-finite student activations: the student itself has gone wrong, so the run stops
     # before the optimizer touches the weights, naming the last checkpoint (step 1).
     script = TOKENS_SCRIPT.replace("BAD_CALLS", "{3}")
@@ -243,7 +257,13 @@ def test_nonfinite_loss_skips_step_then_stops(tmp_path, images):
     # A streak that spans two windows (steps 2 | 3, 4) still stops at the third in a row.
     result = run(range(3, 100), "streak", "run.log_every=2", "run.checkpoint_every=100")
     assert result.returncode == 2
-    assert "3 non-finite losses in a row (run.max_nonfinite=3) at step 4" in result.stderr
+    assert "3 non-finite steps in a row (run.max_nonfinite=3) at step 4" in result.stderr
+    # ... and one that spans a resume: steps 3, 4 end the first launch (its checkpoint
+    # holds the streak), step 5 of the second is the third in a row.
+    check(run(range(5, 9), "resumed", "run.epochs=2", "run.max_steps=4"))
+    result = run([1, 2], "resumed", "run.epochs=2", "--resume", "auto")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "3 non-finite steps in a row (run.max_nonfinite=3) at step 5" in result.stderr
 
 
 TOKENS_SCRIPT = NAN_SCRIPT.replace(

@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dmt.engine.step_guard import StepGuard, nonfinite_verdict
+from dmt.engine.step_guard import (FINITE, NONFINITE_GRADIENTS, NONFINITE_LOSS,
+                                   NONFINITE_TOKENS, StepGuard, nonfinite_verdict)
 from engine_utils import free_port
 
 
@@ -18,27 +19,37 @@ def _out(loss=1.0, token=0.5):
 
 
 def test_verdicts_and_the_worst_of_a_step_wins():
-    assert nonfinite_verdict(_out()).item() == 0
-    assert nonfinite_verdict(_out(loss=float("nan"))).item() == 1
-    assert nonfinite_verdict(_out(loss=float("inf"), token=float("-inf"))).item() == 2
+    assert FINITE < NONFINITE_GRADIENTS < NONFINITE_LOSS < NONFINITE_TOKENS
+    assert nonfinite_verdict(_out()).item() == FINITE
+    assert nonfinite_verdict(_out(loss=float("nan"))).item() == NONFINITE_LOSS
+    assert nonfinite_verdict(_out(loss=float("inf"), token=float("-inf"))).item() == NONFINITE_TOKENS
     guard = StepGuard(torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], fused=True), "cpu")
     for out in (_out(), _out(token=float("nan")), _out(loss=float("nan"))):
         guard.observe(out)
-    assert guard.decide().item() == 2 and guard.skip.item() == 1.0
+    assert guard.decide().item() == NONFINITE_TOKENS and guard.skip.item() == 1.0
     guard.observe(_out())  # a fresh step starts from 0
     assert guard.decide().item() == 0 and guard.skip.item() == 0.0
 
 
-def _model_and_guard(seed=0):
+def _model_and_guard(seed=0, check_gradients=False):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.GELU(), torch.nn.Linear(4, 3))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05, fused=True)
-    return model, optimizer, StepGuard(optimizer, "cpu")
+    checked = list(model.parameters()) if check_gradients else None
+    return model, optimizer, StepGuard(optimizer, "cpu", check_gradients=checked)
+
+
+def _nan_gradient_loss(y):
+    """A finite loss whose gradients are NaN: sqrt at 0 has an infinite slope, times 0."""
+    return y.square().mean() + 0.0 * torch.sqrt(y - y.detach()).sum()
 
 
 def _step(model, optimizer, guard, x, poison=False):
     y = model(x)
-    loss = (y * float("nan")).sum() if poison else y.square().mean()
+    if poison == "gradients":
+        loss = _nan_gradient_loss(y)
+    else:
+        loss = (y * float("nan")).sum() if poison else y.square().mean()
     guard.observe({"loss": loss, "student_tokens": y})
     loss.backward()
     guard.decide()
@@ -67,6 +78,85 @@ def test_a_called_off_step_is_as_if_it_never_happened():
         for key in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(optimizer.state[p][key], twin_optimizer.state[q][key]), key
     assert optimizer.state[next(model.parameters())]["step"].item() == 3
+
+
+def test_gradients_that_go_non_finite_under_a_finite_loss_are_caught():
+    """Where DeepSpeed checks no gradient (no ZeRO, fp32) the guard does: the step is
+    called off bit-exactly as above. Unchecked, the same step would poison the weights."""
+    xs = [torch.randn(8, 5, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    model, optimizer, guard = _model_and_guard(check_gradients=True)
+    _step(model, optimizer, guard, xs[0])
+    y = model(xs[1])
+    loss = _nan_gradient_loss(y)
+    assert torch.isfinite(loss)
+    guard.observe({"loss": loss, "student_tokens": y})
+    loss.backward()
+    assert guard.decide().item() == NONFINITE_GRADIENTS and guard.skip.item() == 1.0
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    _step(model, optimizer, guard, xs[2])
+    twin, twin_optimizer, twin_guard = _model_and_guard(check_gradients=True)
+    for x in (xs[0], xs[2]):
+        _step(twin, twin_optimizer, twin_guard, x)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    unchecked, unchecked_optimizer, unchecked_guard = _model_and_guard()
+    _step(unchecked, unchecked_optimizer, unchecked_guard, xs[0])
+    _step(unchecked, unchecked_optimizer, unchecked_guard, xs[1], poison="gradients")
+    assert unchecked_guard.skip.item() == 0.0
+    assert not all(torch.isfinite(p).all() for p in unchecked.parameters())
+
+
+def _engine_worker(rank, port, out_dir):
+    """Every DeepSpeed set-up dmt allows catches a NaN gradient under a finite loss: ZeRO
+    and DeepSpeed's bf16 optimizer through their own norm check, no-ZeRO fp32 through the
+    guard (StepGuard.for_engine asks for the gradients exactly there)."""
+    import os
+
+    import deepspeed
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo")
+    results = {}
+    for stage in (0, 2):
+        for bf16 in (False, True):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+            config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4,
+                      "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16},
+                      "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+            guard = StepGuard.for_engine(engine, optimizer, torch.device("cpu"))
+            weights = []
+            for step in range(3):
+                x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
+                x = x.to(torch.bfloat16) if bf16 else x
+                y = engine(x)
+                loss = _nan_gradient_loss(y) if step == 1 else y.float().square().mean()
+                guard.observe({"loss": loss, "student_tokens": y})
+                engine.backward(loss)
+                guard.decide()
+                engine.step()
+                weights.append([p.detach().float().flatten().tolist() for p in model.parameters()])
+            results[f"{stage}-{bf16}"] = {"guard_checks": guard.check_gradients is not None,
+                                          "weights": weights}
+    with open(f"{out_dir}/result.json", "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def test_every_deepspeed_setup_catches_non_finite_gradients(tmp_path):
+    mp.start_processes(_engine_worker, args=(free_port(), str(tmp_path)), nprocs=1,
+                       start_method="spawn", join=True)
+    results = json.loads((tmp_path / "result.json").read_text())
+    for setup, r in results.items():
+        after_1, after_2, after_3 = r["weights"]
+        assert after_2 == after_1, setup  # the poisoned step changed nothing
+        assert after_3 != after_2 and all(v == v for p in after_3 for v in p), setup  # trains on
+    assert {setup for setup, r in results.items() if r["guard_checks"]} == {"0-False"}
 
 
 def test_refuses_an_optimizer_that_cannot_skip_on_the_device():

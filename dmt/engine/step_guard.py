@@ -1,8 +1,9 @@
 """Non-finite steps are called off on the device, so the training step never waits on
 the host to decide.
 
-Each micro-batch gets a verdict, a device scalar: 0 finite, 1 non-finite loss, 2
-non-finite student tokens (the student itself has gone wrong: the trainer stops). At the
+Each micro-batch gets a verdict, a device scalar (the worst wins): non-finite student
+tokens (the student itself has gone wrong: the trainer stops), non-finite loss, or, at
+the step boundary, non-finite gradients where DeepSpeed applies them unchecked. At the
 optimizer step the student ranks agree on the worst verdict (an all-reduce, MAX) and a
 flag tells the fused AdamW kernel to skip the step: weights, both moment estimates and
 the step count stay exactly as they were (lr 0 would still move the moments), and
@@ -14,19 +15,34 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+FINITE, NONFINITE_GRADIENTS, NONFINITE_LOSS, NONFINITE_TOKENS = 0, 1, 2, 3
+
 
 def nonfinite_verdict(out: dict) -> torch.Tensor:
-    """0: the micro-batch is finite; 1: its loss is not; 2: the student's tokens are not."""
+    """FINITE, NONFINITE_LOSS or NONFINITE_TOKENS for one micro-batch's output."""
     loss_bad = (~torch.isfinite(out["loss"].detach())).float()
     tokens_bad = (~torch.isfinite(out["student_tokens"].detach())).any().float()
-    return torch.maximum(loss_bad, 2.0 * tokens_bad)
+    return torch.maximum(NONFINITE_LOSS * loss_bad, NONFINITE_TOKENS * tokens_bad)
+
+
+def gradients_unchecked_by(engine) -> list[torch.nn.Parameter] | None:
+    """The parameters whose gradients DeepSpeed would apply without looking at them: with
+    no ZeRO and no bf16/fp16 its engine hands them straight to the client optimizer. ZeRO
+    and DeepSpeed's bf16/fp16 optimizers check the gradient norm themselves (None)."""
+    if engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled()
+                                                      or engine.fp16_enabled()):
+        return [p for p in engine.module.parameters() if p.requires_grad]
+    return None
 
 
 class StepGuard:
     """Watches the micro-batches of each optimizer step; `decide()` before the step that
-    applies them (DeepSpeed's boundary engine.step()) calls it off where any was bad."""
+    applies them (DeepSpeed's boundary engine.step()) calls it off where any was bad.
+    With `check_gradients`, decide() also calls it off when their gradients are not
+    finite, so call it after the step's last backward."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, device, group=None):
+    def __init__(self, optimizer: torch.optim.Optimizer, device, group=None,
+                 check_gradients: list[torch.nn.Parameter] | None = None):
         if not optimizer.defaults.get("fused"):
             raise ValueError("StepGuard needs a fused torch optimizer (fused=True): only its "
                              "kernel reads the skip flag")
@@ -36,7 +52,14 @@ class StepGuard:
         self.skip = torch.zeros((), dtype=torch.float32, device=device)  # the kernel's dtype
         optimizer.found_inf = self.skip
         self.group, self.device = group, device
+        self.check_gradients = check_gradients
         self.verdict = torch.zeros((), dtype=torch.float32, device=device)
+
+    @classmethod
+    def for_engine(cls, engine, optimizer: torch.optim.Optimizer, device, group=None):
+        """The guard for a DeepSpeed engine built on `optimizer`: it checks the gradients
+        where the engine does not."""
+        return cls(optimizer, device, group, check_gradients=gradients_unchecked_by(engine))
 
     def observe(self, out: dict) -> None:
         self.verdict = torch.maximum(self.verdict, nonfinite_verdict(out))
@@ -46,6 +69,10 @@ class StepGuard:
         flag is set from it and the guard starts afresh for the next step."""
         verdict, self.verdict = self.verdict, torch.zeros((), dtype=torch.float32,
                                                           device=self.device)
+        grads = [p.grad for p in self.check_gradients or () if p.grad is not None]
+        if grads:  # one pass over the gradients: any inf or NaN makes the sum non-finite
+            total = torch.stack(torch._foreach_norm(grads)).float().sum()
+            verdict = torch.maximum(verdict, NONFINITE_GRADIENTS * (~torch.isfinite(total)).float())
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(verdict, op=dist.ReduceOp.MAX, group=self.group)
         self.skip.copy_(verdict > 0)

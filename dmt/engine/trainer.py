@@ -25,7 +25,7 @@ from dmt.engine import checkpoint as ckpt
 from dmt.engine.distributed import DistInfo, barrier, skip_lone_allreduce
 from dmt.engine.logger import RunLogger
 from dmt.engine.optim import build_optimizer, lr_at, peak_lr
-from dmt.engine.step_guard import StepGuard
+from dmt.engine.step_guard import NONFINITE_GRADIENTS, NONFINITE_TOKENS, StepGuard
 from dmt.errors import ConfigError, DMTError
 from dmt.models.fast import optimize_teachers
 from dmt.placement import build_placement
@@ -169,7 +169,9 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     # max_steps stops early (smoke runs, tests); the lr schedule still spans run.epochs.
     total_steps = min(schedule_steps, run_cfg["max_steps"] or schedule_steps)
 
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "nonfinite_total": 0}
+    # nonfinite_streak: called-off steps in a row, carried across a resume
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "nonfinite_total": 0,
+             "nonfinite_streak": 0}
     if not resume and (run_dir / "checkpoints" / ckpt.LATEST).exists():
         raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume auto to continue "
                           "that run, or choose another run.name / run.output_dir")
@@ -194,7 +196,7 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
                                                    mpu=placement.mpu)
     method.student = engine
     group = placement.mpu.get_data_parallel_group() if placement.mpu else None
-    guard = StepGuard(client_optimizer, info.device, group)  # calls off non-finite steps
+    guard = StepGuard.for_engine(engine, client_optimizer, info.device, group)  # non-finite steps
     skip_lone_allreduce(engine, group)
     if resume_from is not None:
         ckpt.load_checkpoint(engine, resume_from, info.rank)
@@ -219,7 +221,7 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     loader = loaders[0]
     batches = micro_batches(loader, state, steps_per_epoch, accum, total_steps)
     student_dtype = _engine_dtype(engine)
-    peak, pending, streak, last_ckpt = peak_lr(optim_cfg), [], 0, None
+    peak, pending, last_ckpt = peak_lr(optim_cfg), [], None
     window_start, train_start, start_step = time.perf_counter(), time.perf_counter(), state["global_step"]
     skipped_reported = 0  # files a backend rejected up front are reported with epoch 0
     while state["global_step"] < total_steps:
@@ -265,7 +267,7 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
             verdicts = _flush(pending, log, method.loss.terms, total_steps,
                               optim_cfg["global_batch"] * len(pending) / elapsed, info, group)
             for row, bad in zip(pending, verdicts):
-                streak = _judge_step(row["step"], bad, streak, state, run_cfg, log, last_ckpt)
+                _judge_step(row["step"], bad, state, run_cfg, log, last_ckpt)
             pending, window_start = [], time.perf_counter()
         if saving:
             last_ckpt = ckpt.save_checkpoint(engine, run_dir / "checkpoints", state["global_step"],
@@ -301,30 +303,31 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
             "exported": exported, **state}
 
 
-def _judge_step(step: int, verdict: float, streak: int, state: dict, run_cfg: dict,
-                log: RunLogger, last_ckpt) -> int:
+def _judge_step(step: int, verdict: float, state: dict, run_cfg: dict, log: RunLogger,
+                last_ckpt) -> None:
     """Count and report a called-off step once the host has read its verdict; stop the run
-    when the student went non-finite or after run.max_nonfinite in a row. Returns the
-    streak of called-off steps."""
+    when the student went non-finite or after run.max_nonfinite in a row."""
     if verdict == 0:
-        return 0
-    streak += 1
+        state["nonfinite_streak"] = 0
+        return
+    state["nonfinite_streak"] += 1
     state["nonfinite_total"] += 1
-    if verdict == 2:
+    streak = state["nonfinite_streak"]
+    if verdict == NONFINITE_TOKENS:
         log.close()
         raise DMTError(f"stopping at step {state['global_step']}: the student produced "
                        f"non-finite activations at step {step}; that step was called off, so "
                        f"the weights hold none of them. The last checkpoint is {last_ckpt or 'none'}."
                        " Lower the lr, enable optim.clip_grad, or use bf16 instead of fp16.")
-    log.warn(f"step {step}: non-finite loss, step skipped ({streak} in a row, "
+    what = "gradients (the loss was finite)" if verdict == NONFINITE_GRADIENTS else "loss"
+    log.warn(f"step {step}: non-finite {what}, step skipped ({streak} in a row, "
              f"{state['nonfinite_total']} in total)")
     if streak >= run_cfg["max_nonfinite"]:
         log.close()
-        raise DMTError(f"stopping: {streak} non-finite losses in a row (run.max_nonfinite="
+        raise DMTError(f"stopping: {streak} non-finite steps in a row (run.max_nonfinite="
                        f"{run_cfg['max_nonfinite']}) at step {step}; the last checkpoint is "
                        f"{last_ckpt or 'none'}. Lower the lr, enable optim.clip_grad, or check "
                        "the data.")
-    return streak
 
 
 def warmup_steps(optim_cfg: dict, steps_per_epoch: int) -> int:
