@@ -35,6 +35,7 @@ from dmt.data import build_loader, write_sample_images  # noqa: E402
 from dmt.data.augment import ViewSpec, crop_boxes, make_views  # noqa: E402
 from dmt.data.folder import scan_image_folder  # noqa: E402
 from dmt.data.sampling import ShardedEpochs  # noqa: E402
+from dmt.errors import DMTError  # noqa: E402
 
 
 
@@ -132,6 +133,13 @@ def main(argv=None):
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
     if args.backend == "torchvision-nvjpeg" and device.type != "cuda":
         parser.error("torchvision-nvjpeg decodes on the GPU: pass --device cuda")
+    try:
+        return measure(args, device, argv)
+    except DMTError as err:  # a diagnosis, not a crash: one line, as the launch/ scripts do
+        parser.exit(2, f"benchmarks/dataloader.py: error: {err}\n")
+
+
+def measure(args, device: torch.device, argv=None) -> dict:
     batch_size = args.batch_size or (256 if device.type == "cuda" else 32)
     machine = machine_description(device)
 

@@ -24,6 +24,10 @@ def build_teachers(cfg: dict, device: torch.device, warn=print,
             warn(f"teacher '{entry['name']}' is RANDOMLY INITIALISED ({entry['arch']}): fine for "
                  "a demo or a benchmark, meaningless for pretraining. Real runs pass official "
                  "MAE / MoCo v3 / iBOT checkpoints.")
+            if entry["checkpoint"]:
+                warn(f"teacher '{entry['name']}' is kind random, which loads no weights: its "
+                     f"checkpoint {entry['checkpoint']} is ignored (set teachers.{i}.kind to "
+                     "the checkpoint's kind to use it)")
         if shapes_only:
             with torch.device("meta"):
                 encoder = create_encoder(entry["arch"], cfg["model"]["img_size"])

@@ -19,7 +19,7 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 # Types of the keys whose default (null, or a list) does not say it.
 _DECLARED_TYPES: dict[str, tuple[type, ...]] = {
     "run.max_steps": (int,),
-    "data.path": (str,),
+    "data.path": (str, int),  # int: the synthetic backend's sample count
     "optim.lr": (float, int),
     "optim.clip_grad": (float, int),
     "method.teachers": (list,),
@@ -117,6 +117,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
                 experiment = yaml.safe_load(f) or {}
             except yaml.YAMLError as err:
                 raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(experiment, dict):
+            raise ConfigError(f"{path} must hold a mapping of config sections (run:, model:, "
+                              f"...), got a {type(experiment).__name__}")
         _merge(cfg, experiment, str(path))
     cfg["teachers"] = _teacher_entries(cfg["teachers"])  # so teachers.0.arch=... can be set
     for arg in overrides:
@@ -159,7 +162,10 @@ def _type_ok(value: Any, expected: tuple[type, ...]) -> bool:
 _AT_LEAST = {"run.epochs": 1, "run.max_steps": 1, "run.log_every": 1, "run.checkpoint_every": 1,
              "run.keep_last": 1, "run.max_nonfinite": 1, "model.img_size": 16,
              "data.num_workers": 0, "data.sample_images": 0, "teacher_runtime.teacher_ranks": 0,
-             "optim.warmup_epochs": 0}
+             "optim.warmup_epochs": 0, "optim.min_lr": 0, "optim.weight_decay": 0,
+             "optim.clip_grad": 0}
+# Values a zero makes meaningless: a peak lr of 0 trains nothing.
+_POSITIVE = ("optim.base_lr", "optim.lr")
 
 
 def _expected_type(key: str, default: Any) -> tuple[type, ...] | None:
@@ -199,10 +205,14 @@ def validate_types(cfg: dict) -> None:
             raise ConfigError(f"config key '{key}' must be one of {_CHOICES[key]}, got {value!r}")
         if key in _AT_LEAST and value is not None and value < _AT_LEAST[key]:
             raise ConfigError(f"config key '{key}' must be at least {_AT_LEAST[key]}, got {value}")
+        if key in _POSITIVE and value is not None and value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
     for key, length in (("data.crop_scale", 2), ("data.color_jitter", 3), ("optim.betas", 2)):
         value = flat[key]
         if len(value) != length or not all(_type_ok(v, (float, int)) for v in value):
             raise ConfigError(f"config key '{key}' must be a list of {length} numbers, got {value}")
+    _check_ranges(flat)
+    _check_data_path(cfg["data"])
     bad_terms = [t for t in cfg["method"]["losses"] if t not in ("tfd", "sfd")]
     if bad_terms or not cfg["method"]["losses"]:
         raise ConfigError(f"method.losses must be a non-empty subset of [tfd, sfd], "
@@ -221,6 +231,34 @@ def validate_types(cfg: dict) -> None:
                                   f", got {t[field]!r}")
 
 
+def _check_ranges(flat: dict) -> None:
+    """The list values' own bounds, here so that the message names the config key."""
+    low, high = flat["data.crop_scale"]
+    if not 0 < low <= high <= 1:
+        raise ConfigError(f"config key 'data.crop_scale' must satisfy 0 < low <= high <= 1, "
+                          f"got {flat['data.crop_scale']}")
+    if min(flat["data.color_jitter"]) < 0:
+        raise ConfigError(f"config key 'data.color_jitter' must be 3 non-negative strengths, "
+                          f"got {flat['data.color_jitter']}")
+    if not all(0 <= b < 1 for b in flat["optim.betas"]):
+        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), "
+                          f"got {flat['optim.betas']}")
+
+
+def _check_data_path(data: dict) -> None:
+    """synthetic takes a sample count as its path; every other backend a file or folder."""
+    path = data["path"]
+    if data["backend"] == "synthetic":
+        if path is not None and (not _type_ok(path, (int,)) or path < 1):
+            raise ConfigError(f"config key 'data.path' of backend synthetic is a sample count: "
+                              f"a positive integer, or null for ImageNet's 1,281,167; "
+                              f"got {path!r}")
+    elif path is not None and not isinstance(path, str):
+        raise ConfigError(f"config key 'data.path' must be str for backend {data['backend']} "
+                          f"(a sample count is for backend synthetic), got {path!r} "
+                          f"({type(path).__name__})")
+
+
 def batch_arithmetic(global_batch: int, micro_batch: int, data_parallel: int) -> int:
     """Gradient accumulation steps; refuses numbers that do not divide."""
     if global_batch <= 0 or micro_batch <= 0:
@@ -230,10 +268,21 @@ def batch_arithmetic(global_batch: int, micro_batch: int, data_parallel: int) ->
     if global_batch % per_step:
         raise ConfigError(
             f"optim.global_batch={global_batch} is not a multiple of optim.micro_batch="
-            f"{micro_batch} x {data_parallel} data-parallel rank(s) = {per_step}; choose a "
-            f"global batch of {max(per_step, global_batch // per_step * per_step)} or "
-            f"{(global_batch // per_step + 1) * per_step}, or another micro-batch")
+            f"{micro_batch} x {data_parallel} data-parallel rank(s) = {per_step}; "
+            f"{_batch_hint(global_batch, micro_batch, data_parallel)}")
     return global_batch // per_step
+
+
+def _batch_hint(global_batch: int, micro_batch: int, data_parallel: int) -> str:
+    """The nearest global batches that work, and the largest smaller micro-batch that does."""
+    per_step = micro_batch * data_parallel
+    below = global_batch // per_step * per_step
+    batches = [b for b in (below, below + per_step) if b > 0]
+    hint = "choose optim.global_batch=" + " or ".join(map(str, batches))
+    per_rank = global_batch // data_parallel if global_batch % data_parallel == 0 else 0
+    micro = next((m for m in range(min(micro_batch, per_rank), 0, -1) if per_rank % m == 0), None)
+    return hint + (f", or optim.micro_batch={micro}" if micro else
+                   f" (the global batch must be a multiple of the {data_parallel} rank(s))")
 
 
 def student_ranks(cfg: dict, world_size: int) -> int:
@@ -254,14 +303,6 @@ def student_ranks(cfg: dict, world_size: int) -> int:
 
 def check_files(cfg: dict, repo_root: Path | None = None) -> None:
     """The files a run needs exist: teacher checkpoints, DeepSpeed config, data path."""
-    for i, t in enumerate(cfg["teachers"]):
-        if t["kind"] == "random":
-            continue
-        if not t["checkpoint"]:
-            raise ConfigError(f"teachers[{i}] ('{t['name']}', kind {t['kind']}) has no checkpoint")
-        if not Path(t["checkpoint"]).is_file():
-            raise ConfigError(f"teachers[{i}] ('{t['name']}'): checkpoint file not found: "
-                              f"{t['checkpoint']}")
     if not cfg["teachers"]:
         raise ConfigError("no teachers configured: add at least one entry under 'teachers'")
     names = [t["name"] for t in cfg["teachers"]]
@@ -273,15 +314,42 @@ def check_files(cfg: dict, repo_root: Path | None = None) -> None:
         if unknown or not chosen:
             raise ConfigError(f"method.teachers names {unknown or chosen} not among the "
                               f"configured teachers {names}")
+    _check_teacher_checkpoints(cfg)
     ds = resolve_path(cfg["deepspeed"]["config"], repo_root)
     if not ds.is_file():
         raise ConfigError(f"deepspeed.config file not found: {cfg['deepspeed']['config']}")
-    path = cfg["data"]["path"]
-    if cfg["data"]["backend"] != "synthetic" and path is None and cfg["data"]["sample_images"] <= 0:
+    _check_data_files(cfg["data"])
+
+
+def _check_teacher_checkpoints(cfg: dict) -> None:
+    """Every checkpoint the run will load exists; all missing ones are named at once.
+    Teachers left out of method.teachers are never loaded (dmt.build), so not checked."""
+    chosen = cfg["method"]["teachers"]
+    missing = []
+    for i, t in enumerate(cfg["teachers"]):
+        if t["kind"] == "random" or (chosen is not None and t["name"] not in chosen):
+            continue
+        if not t["checkpoint"]:
+            missing.append(f"teachers[{i}] ('{t['name']}', kind {t['kind']}) has no checkpoint")
+        elif not Path(t["checkpoint"]).is_file():
+            missing.append(f"teachers[{i}] ('{t['name']}'): checkpoint file not found: "
+                           f"{t['checkpoint']}")
+    if missing:
+        raise ConfigError("; ".join(missing))
+
+
+def _check_data_files(data: dict) -> None:
+    path = data["path"]
+    if data["backend"] == "synthetic":
+        return  # path is a sample count, checked by validate_types
+    if path is None and data["sample_images"] <= 0:
         raise ConfigError("data.path is not set (or set data.sample_images to train on the "
                           "bundled sample photos)")
     if path is not None and not Path(path).exists():
         raise ConfigError(f"data.path does not exist: {path}")
+    if data["backend"] == "ffcv" and path is not None and Path(path).is_dir():
+        raise ConfigError(f"data.path {path} is a folder; backend ffcv reads a .beton file: "
+                          f"write one with python launch/make_beton.py {path} OUT.beton")
 
 
 def resolve_path(path: str | Path, repo_root: Path | None = None) -> Path:

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--out", help="write the report as JSON here")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.path=/data")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before or after the options
     try:
         cfg = load_config(args.config, args.overrides)
         check_files(cfg)

@@ -16,7 +16,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dmt  # noqa: E402,F401
 from dmt.engine.checkpoint import export_student, find_checkpoint  # noqa: E402
-from dmt.errors import DMTError  # noqa: E402
+from dmt.errors import CheckpointError, DMTError  # noqa: E402
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    """`path` as a checkpoint directory; refused here, as find_checkpoint's message is
+    worded for --resume, which export does not take."""
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (expected a run directory or a "
+                              "checkpoint directory)")
+    if not (path / "trainer_state.json").is_file():
+        raise CheckpointError(f"{path} is neither a run directory (RUN/checkpoints/) nor a "
+                              "checkpoint directory (RUN/checkpoints/stepNNNNNNNN with "
+                              "trainer_state.json)")
+    return path
 
 
 def main(argv=None) -> int:
@@ -26,7 +39,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         path = Path(args.path)
-        ckpt = find_checkpoint("auto", path) if (path / "checkpoints").is_dir() else find_checkpoint(args.path, path)
+        ckpt = find_checkpoint("auto", path) if (path / "checkpoints").is_dir() else _checkpoint_dir(path)
         if ckpt is None:
             raise DMTError(f"{path} has no complete checkpoint yet")
         out = export_student(ckpt, Path(args.out))

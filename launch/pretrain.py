@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -30,8 +31,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="'auto' (latest checkpoint of this run, if any), a run directory, "
                         "or a checkpoint directory")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.micro_batch=64")
-    return p.parse_args(argv)
+    p.add_argument("overrides", nargs="*",
+                   help="dotted overrides, e.g. optim.micro_batch=64 (before, between or after "
+                        "the options)")
+    # Intermixed: `... run.name=a --resume auto run.epochs=4` is read as two overrides.
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
@@ -45,14 +49,20 @@ def main(argv=None) -> int:
         check_files(cfg, Path(__file__).resolve().parents[1])
         from dmt.engine.distributed import launched_world_size, setup_distributed
 
-        batch_arithmetic(cfg["optim"]["global_batch"], cfg["optim"]["micro_batch"],
-                         student_ranks(cfg, launched_world_size()))
+        accum = batch_arithmetic(cfg["optim"]["global_batch"], cfg["optim"]["micro_batch"],
+                                 student_ranks(cfg, launched_world_size()))
 
-        from dmt.engine.trainer import train
+        from dmt.engine.trainer import deepspeed_config, train
 
+        deepspeed_config(cfg, accum)  # a broken or refused DeepSpeed file, before start-up
         info = setup_distributed()
         rank, started = info.rank, True
-        train(cfg, info, resume=args.resume)
+        result = train(cfg, info, resume=args.resume)
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint since the last one
+        if rank == 0:
+            print("dmt: interrupted; --resume auto continues from the last checkpoint",
+                  file=sys.stderr)
+        return 128 + signal.SIGINT
     except DMTError as err:
         # Checks before start-up fail alike on every rank: say it once. Later errors may
         # be one rank's own (its data shard, its teacher stream): every rank speaks.
@@ -60,7 +70,8 @@ def main(argv=None) -> int:
             prefix = f"[rank {rank}] " if started and int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
             print(f"dmt: error: {prefix}{err}", file=sys.stderr)
         return 2
-    return 0
+    # Stopped by a signal (with a checkpoint): the shell's convention, 128 + the signal.
+    return 128 + result["stopped_by"] if result.get("stopped_by") else 0
 
 
 if __name__ == "__main__":

@@ -46,6 +46,12 @@ def test_two_ranks_zero2_bf16_loss_decreases(tmp_path, fixed_images):
     last = sum(r["loss"] for r in rows[-4:]) / 4
     assert last < 0.8 * first, (first, last)
     assert "2 student rank(s)" in result.stdout
+    # ZeRO partitions belong to 2 ranks: resuming on 1 is refused up front, by name.
+    config_before = (tmp_path / "runs" / "ddp" / "config.yaml").read_text()
+    result = run_pretrain(cfg, "--resume", "auto", "run.max_steps=30")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "ZeRO optimizer partitions of 2 student rank(s), this launch has 1" in result.stderr
+    assert (tmp_path / "runs" / "ddp" / "config.yaml").read_text() == config_before
 
 
 @pytest.mark.slow
@@ -85,6 +91,10 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, images):
     check(run_pretrain(full))
     part = tiny_config(tmp_path, images, name="part", run={"epochs": 2, "checkpoint_every": 3})
     check(run_pretrain(part, "run.max_steps=3"))
+    # Steps 4-5 ran after the checkpoint before a crash cut a line short: the resumed run
+    # redoes them, and metrics.jsonl holds each step once.
+    with open(tmp_path / "runs" / "part" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 1.0}\n{"step": 5, "loss": 1.0}\n{"step": 6, "lo')
     resumed = check(run_pretrain(part, "--resume", "auto"))
     assert "resumed from" in resumed.stdout and "step 3" in resumed.stdout
     a, b = metrics(tmp_path / "runs" / "full"), metrics(tmp_path / "runs" / "part")
@@ -131,9 +141,45 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(tmp_path, images):
 
 
 @pytest.mark.slow
+def test_damaged_checkpoints_are_refused_with_a_way_out(tmp_path, images):
+    """Each kind of damage gets one message naming the file and the checkpoint to use
+    instead, and leaves the run directory (config, metrics) as it was."""
+    cfg = tiny_config(tmp_path, images, name="dmg", run={"epochs": 1, "checkpoint_every": 2,
+                                                        "keep_last": 2})
+    check(run_pretrain(cfg, "run.export=false"))
+    run_dir = tmp_path / "runs" / "dmg"
+    ckpts, newest = run_dir / "checkpoints", run_dir / "checkpoints" / "step00000004"
+    way_out = f"--resume {ckpts / 'step00000002'}"
+    untouched = {f: (run_dir / f).read_bytes() for f in ("config.yaml", "metrics.jsonl")}
+
+    def refused(expected: str):
+        result = run_pretrain(cfg, "--resume", "auto", "run.epochs=2", timeout=300)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert expected in result.stderr and way_out in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert all((run_dir / f).read_bytes() == data for f, data in untouched.items())
+
+    state_file, states = newest / "trainer_state.json", newest / "mp_rank_00_model_states.pt"
+    good_state, good_states = state_file.read_bytes(), states.read_bytes()
+    state_file.write_text('{"global_step": 4, "conf')
+    refused(f"{state_file} is unreadable")
+    state_file.write_bytes(good_state)
+    states.write_bytes(good_states[: len(good_states) // 2])
+    refused(f"DeepSpeed could not load the checkpoint in {newest}")
+    states.unlink()
+    refused(f"checkpoint {newest} has no DeepSpeed model states")
+    shutil.rmtree(newest)
+    refused("points to")
+    # The way out works: the older checkpoint resumes and trains on.
+    result = check(run_pretrain(cfg, "--resume", str(ckpts / "step00000002"), "run.epochs=2"))
+    assert "resumed from" in result.stdout and "step00000002" in result.stdout
+
+
+@pytest.mark.slow
 def test_resume_refuses_a_different_student(tmp_path, images):
     cfg = tiny_config(tmp_path, images, name="mm", run={"max_steps": 1})
     check(run_pretrain(cfg))
+    config_before = (tmp_path / "runs" / "mm" / "config.yaml").read_text()
     result = run_pretrain(cfg, "--resume", "auto", "model.arch=vit_small_patch16_224",
                           "model.adapter=linear")
     assert result.returncode == 2
@@ -144,6 +190,8 @@ def test_resume_refuses_a_different_student(tmp_path, images):
     # Starting afresh over a run's checkpoints would overwrite them: refused.
     result = run_pretrain(cfg)
     assert result.returncode == 2 and "already holds checkpoints" in result.stderr
+    # Refused launches leave the run's config as it was.
+    assert (tmp_path / "runs" / "mm" / "config.yaml").read_text() == config_before
 
 
 NAN_SCRIPT = r"""

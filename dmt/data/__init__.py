@@ -50,9 +50,9 @@ def build_loader(backend: str, path, batch_size: int, image_size: int = 224,
         raise DataError(f"data backend {backend!r} needs {package or error.name} installed "
                         f"({error})") from error
     if len(color_jitter) != 3 or min(color_jitter) < 0:
-        raise ConfigError(f"color_jitter must be 3 non-negative strengths, got {color_jitter}")
+        raise ConfigError(f"data.color_jitter must be 3 non-negative strengths, got {color_jitter}")
     if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-        raise ConfigError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}")
+        raise ConfigError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}")
     spec = ViewSpec(image_size=int(image_size), crop_scale=tuple(map(float, crop_scale)),
                     color_jitter=tuple(map(float, color_jitter)), seed=int(seed),
                     mean=tuple(map(float, mean)), std=tuple(map(float, std)))

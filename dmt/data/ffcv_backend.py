@@ -140,6 +140,9 @@ class FFCVLoader(DualViewLoader):
     def __init__(self, path, batch_size, *, spec: ViewSpec, seed=0, rank=0, world_size=1,
                  device="cpu", drop_last=True, num_workers=None):
         path = Path(path).expanduser()
+        if path.is_dir():
+            raise DataError(f"{str(path)!r} is a folder; the ffcv backend reads a .beton file: "
+                            f"write one with python launch/make_beton.py {path} OUT.beton")
         if not path.is_file():
             raise DataError(f".beton file {str(path)!r} does not exist "
                             "(write one with launch/make_beton.py)")

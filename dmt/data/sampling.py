@@ -34,10 +34,14 @@ class ShardedEpochs:
         if drop_last:
             self.num_batches = self.num_samples // global_batch
             if self.num_batches == 0:
+                # batch_size is the per-rank micro-batch: a run's global batch is at least
+                # this step of every rank, so it cannot fill a global batch either.
                 raise DataError(
-                    f"{self.num_samples} samples do not fill one global batch of "
-                    f"{global_batch} ({world_size} rank(s) x {batch_size}); "
-                    "use drop_last=False or a smaller batch")
+                    f"{self.num_samples} samples do not fill one micro-batch of {batch_size} "
+                    f"on each of {world_size} rank(s) ({global_batch} samples), let alone a "
+                    "global batch: add data or lower optim.micro_batch (and "
+                    "optim.global_batch with it); build_loader(drop_last=False) repeats "
+                    "samples instead")
         else:
             self.num_batches = math.ceil(self.num_samples / global_batch)
 

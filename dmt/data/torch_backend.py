@@ -21,6 +21,7 @@ from dmt.data.folder import scan_image_folder
 from dmt.data.images import UNDECODABLE_ERRORS, open_rgb
 from dmt.data.loader import DualViewLoader
 from dmt.data.sampling import ShardedEpochs
+from dmt.engine.stop import ignore_stop_signals
 from dmt.errors import DataError
 
 
@@ -108,6 +109,7 @@ class TorchFolderLoader(DualViewLoader):
             _CropDataset(folder.files, folder.labels, spec),
             batch_sampler=self._sampler, num_workers=num_workers, collate_fn=self._collate,
             pin_memory=not on_cpu, persistent_workers=num_workers > 0,
+            worker_init_fn=ignore_stop_signals,
             prefetch_factor=4 if num_workers > 0 else None)
 
     def _epoch_batches(self, epoch, batches):

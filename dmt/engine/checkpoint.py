@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -92,6 +93,20 @@ def _prune(ckpt_root: Path, newest: str, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first (a save in progress lives in .tmp/)."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted(p for p in root.glob("step*") if (p / "trainer_state.json").is_file())
+
+
+def _alternatives(run_dir: Path, bad: Path) -> str:
+    others = [p for p in complete_checkpoints(run_dir) if p.resolve() != bad.resolve()]
+    if not others:
+        return "no other complete checkpoint is left in the run"
+    return (f"the newest other complete checkpoint is {others[-1]} (--resume {others[-1]} "
+            "continues from it)")
+
+
 def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
     """`auto`: the run's latest complete checkpoint (None if there is none yet);
     otherwise a checkpoint directory or a run directory."""
@@ -101,7 +116,8 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
             return None
         path = run_dir / "checkpoints" / pointer.read_text().strip()
         if not path.is_dir():
-            raise CheckpointError(f"{pointer} points to {path}, which does not exist")
+            raise CheckpointError(f"{pointer} points to {path}, which does not exist; "
+                                  + _alternatives(run_dir, path))
         return path
     path = Path(resume)
     if (path / "checkpoints" / LATEST).is_file():
@@ -111,6 +127,40 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
                               "RUN/checkpoints/stepNNNNNNNN with trainer_state.json) "
                               "nor a run directory")
     return path
+
+
+def read_trainer_state(path: Path) -> dict:
+    """The trainer state (step, epoch, config...) of a checkpoint directory."""
+    file = path / "trainer_state.json"
+    try:
+        state = json.loads(file.read_text())
+        if not {"config", "global_step", "epoch", "step_in_epoch"} <= state.keys():
+            raise ValueError("it lacks the step counters or the config")
+        return state
+    except (OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{file} is unreadable ({err}); "
+                              + _alternatives(path.parent.parent, path)) from None
+
+
+def _partition_ranks(path: Path) -> set[int]:
+    """The data-parallel ranks whose ZeRO optimizer partitions the checkpoint holds."""
+    return {int(m.group(1)) for f in path.glob("*zero_pp_rank_*_optim_states.pt")
+            if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))}
+
+
+def check_loadable(path: Path, student_ranks: int) -> None:
+    """Refuse, before any model is built, a checkpoint DeepSpeed would fail on: missing
+    files, or ZeRO partitions for another number of student ranks."""
+    if not any(path.glob("*mp_rank_*_model_states.pt")):  # ZeRO-3: zero_pp_rank_R_mp_rank_..
+        raise CheckpointError(f"checkpoint {path} has no DeepSpeed model states "
+                              "(*mp_rank_00_model_states.pt); " + _alternatives(path.parent.parent, path))
+    saved = _partition_ranks(path)
+    if saved and len(saved) != student_ranks:
+        raise CheckpointError(
+            f"checkpoint {path} holds ZeRO optimizer partitions of {len(saved)} student "
+            f"rank(s), this launch has {student_ranks}: a ZeRO checkpoint resumes on the same "
+            f"number of student ranks (launch with {len(saved)}), or start a new run from its "
+            "weights (launch/export.py)")
 
 
 # What must not change for a resumed run to be the same run (objective, data order, shapes).
@@ -142,7 +192,14 @@ def check_compatible(saved_cfg: dict, cfg: dict, path: Path) -> None:
 
 def load_checkpoint(engine, path: Path, rank: int) -> dict:
     """Restores engine, optimizer and this rank's RNG; returns the trainer state."""
-    load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+    try:
+        load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+    except Exception as err:  # noqa: BLE001
+        # Truncated or foreign files surface as any of torch's, pickle's or DeepSpeed's
+        # internal errors: name the checkpoint and the way out instead.
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path}: "
+                              f"{type(err).__name__}: {str(err).splitlines()[0][:300]}; "
+                              + _alternatives(path.parent.parent, path)) from None
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path}")
     rng_file = path / f"rng_rank{rank}.pt"

@@ -3,6 +3,7 @@ and a one-screen summary. Only rank 0 writes; values arrive already reduced."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -11,16 +12,40 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 from rich.table import Table
 
 
+def drop_rows_after(metrics_file: Path, step: int) -> int:
+    """Keep the metrics of steps 1..step only: a run restarted from its checkpoint at
+    `step` (or afresh, 0) redoes the later steps, whose old rows would otherwise appear
+    twice. A line cut short by a crash goes too. Returns how many lines were dropped."""
+    if not metrics_file.is_file():
+        return 0
+    lines = metrics_file.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    if len(kept) < len(lines):
+        tmp = metrics_file.with_name(f".{metrics_file.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, metrics_file)
+    return len(lines) - len(kept)
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, total_steps: int, enabled: bool, progress: bool,
-                 tensorboard: bool, start_step: int = 0):
+                 tensorboard: bool, start_step: int = 0, metrics: bool = True):
         self.enabled = enabled
         self.console = Console()
         self.progress = None
         self.tb = None
+        self.metrics = None
         if not enabled:
             return
-        self.metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if metrics:
+            drop_rows_after(run_dir / "metrics.jsonl", start_step)
+            self.metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if progress and self.console.is_terminal:
             self.progress = Progress(
                 TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
@@ -32,7 +57,8 @@ class RunLogger:
             self.progress.start()
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            # purge_step: TensorBoard hides the events of steps redone after a restart
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -84,6 +110,7 @@ class RunLogger:
         if not self.enabled:
             return
         self.close_progress()
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.tb is not None:
             self.tb.close()

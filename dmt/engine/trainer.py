@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import resource
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,8 @@ from dmt.engine.distributed import DistInfo, barrier, skip_lone_allreduce
 from dmt.engine.logger import RunLogger
 from dmt.engine.optim import build_optimizer, lr_at, peak_lr
 from dmt.engine.step_guard import NONFINITE_GRADIENTS, NONFINITE_TOKENS, StepGuard
-from dmt.errors import ConfigError, DMTError
+from dmt.engine.stop import StopRequest
+from dmt.errors import ConfigError, DataError, DMTError
 from dmt.models.fast import optimize_teachers
 from dmt.placement import build_placement
 
@@ -38,7 +40,12 @@ def deepspeed_config(cfg: dict, accum: int, path: str | None = None) -> dict:
     file = resolve_path(path or cfg["deepspeed"]["config"], REPO_ROOT)
     if not file.is_file():
         raise ConfigError(f"DeepSpeed config not found: {file}")
-    ds = json.loads(file.read_text())
+    try:
+        ds = json.loads(file.read_text())
+    except ValueError as err:
+        raise ConfigError(f"DeepSpeed config {file} is not valid JSON: {err}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"DeepSpeed config {file} must hold a JSON object")
     for key in ("optimizer", "scheduler"):
         if key in ds:  # dmt owns these: client AdamW + the per-step schedule below
             raise ConfigError(f"{file}: remove the '{key}' section; dmt configures it from "
@@ -122,11 +129,21 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     dp_world = student_ranks(cfg, info.world_size)
     accum = batch_arithmetic(optim_cfg["global_batch"], optim_cfg["micro_batch"], dp_world)
     run_dir = Path(run_cfg["output_dir"]) / run_cfg["name"]
+    ds_config = deepspeed_config(cfg, accum)
+    # Which checkpoint, if any, is settled before anything is built or written: a refused
+    # launch leaves the run directory as it was.
+    if not resume and (run_dir / "checkpoints" / ckpt.LATEST).exists():
+        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume auto to continue "
+                          "that run, or choose another run.name / run.output_dir")
+    resume_from = ckpt.find_checkpoint(resume, run_dir) if resume else None
+    if resume_from is not None:
+        saved = ckpt.read_trainer_state(resume_from)
+        ckpt.check_compatible(saved["config"], cfg, resume_from)
+        ckpt.check_loadable(resume_from, dp_world)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
     barrier()
-    log = RunLogger(run_dir, 0, info.is_main, False, False)  # messages until the bar exists
+    log = RunLogger(run_dir, 0, info.is_main, False, False, metrics=False)  # until the bar exists
     torch.manual_seed(run_cfg["seed"] + info.rank)
 
     # --- models: frozen half-precision teachers outside the engine, the student inside it
@@ -159,7 +176,11 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
 
     shards = (placement.data_shards if placement.role == "teacher"
               else [(placement.data_rank, placement.data_world_size)])
-    loaders = [loader_for(r, w) for r, w in shards]
+    try:
+        loaders = [loader_for(r, w) for r, w in shards]
+    except DataError as err:  # name the run's data and batch, which the loader cannot know
+        raise DataError(f"data.path {data_path} (backend {data['backend']}, optim.global_batch "
+                        f"{optim_cfg['global_batch']}): {err}") from None
     steps_per_epoch = len(loaders[0]) // accum
     if steps_per_epoch == 0:
         raise ConfigError(f"one epoch gives {len(loaders[0])} micro-batches per rank, fewer than "
@@ -172,16 +193,9 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     # nonfinite_streak: called-off steps in a row, carried across a resume
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "nonfinite_total": 0,
              "nonfinite_streak": 0}
-    if not resume and (run_dir / "checkpoints" / ckpt.LATEST).exists():
-        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume auto to continue "
-                          "that run, or choose another run.name / run.output_dir")
-    resume_from = ckpt.find_checkpoint(resume, run_dir) if resume else None
     if resume_from is not None:
-        saved = json.loads((resume_from / "trainer_state.json").read_text())
-        ckpt.check_compatible(saved["config"], cfg, resume_from)
         state.update({k: v for k, v in saved.items() if k in state})
 
-    ds_config = deepspeed_config(cfg, accum)
     if placement.role == "teacher":
         # DeepSpeed all-reduces the tag's hash at each save unless tag validation is off.
         validates_tags = ds_config.get("checkpoint", {}).get("tag_validation", "Warn").lower() != "ignore"
@@ -200,14 +214,8 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     skip_lone_allreduce(engine, group)
     if resume_from is not None:
         ckpt.load_checkpoint(engine, resume_from, info.rank)
-        log.info(f"resumed from {resume_from} at step {state['global_step']} "
-                 f"(epoch {state['epoch']}, step {state['step_in_epoch']} of the epoch)")
-        if state["global_step"] >= total_steps:
-            log.info(f"{run_dir} is already complete ({state['global_step']}/{total_steps} "
-                     "steps): nothing to train. Raise run.epochs / run.max_steps to go on, or "
-                     "set another run.name for a new run.")
-    elif resume:
-        log.info(f"--resume {resume}: no checkpoint in {run_dir} yet, starting fresh")
+    if info.is_main:  # the run's config, once it has passed every check
+        ckpt.write_atomic(run_dir / "config.yaml", dump_config(cfg).encode())
     log.close()
     log = RunLogger(run_dir, total_steps, info.is_main, run_cfg["progress"],
                     run_cfg["tensorboard"], start_step=state["global_step"])
@@ -217,14 +225,28 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
              f"{optim_cfg['global_batch']} = {optim_cfg['micro_batch']} x {accum} accumulation x "
              f"{dp_world} student rank(s); teachers {teachers.names} ({runtime['placement']}: "
              f"{execution}); student {cfg['model']['arch']}")
+    if resume_from is not None:
+        log.info(f"resumed from {resume_from} at step {state['global_step']} "
+                 f"(epoch {state['epoch']}, step {state['step_in_epoch']} of the epoch)")
+        if state["global_step"] >= total_steps:
+            log.info(f"{run_dir} is already complete ({state['global_step']}/{total_steps} "
+                     "steps): nothing to train. Raise run.epochs / run.max_steps to go on, or "
+                     "set another run.name for a new run.")
+    elif resume:
+        log.info(f"--resume {resume}: no checkpoint in {run_dir} yet, starting fresh")
 
     loader = loaders[0]
     batches = micro_batches(loader, state, steps_per_epoch, accum, total_steps)
     student_dtype = _engine_dtype(engine)
-    peak, pending, last_ckpt = peak_lr(optim_cfg), [], None
+    peak, pending, last_ckpt = peak_lr(optim_cfg), [], resume_from
     window_start, train_start, start_step = time.perf_counter(), time.perf_counter(), state["global_step"]
     skipped_reported = 0  # files a backend rejected up front are reported with epoch 0
-    while state["global_step"] < total_steps:
+    # SIGTERM / Ctrl-C: checkpoint at the end of the log window, then stop. A dedicated
+    # teacher rank serves a fixed schedule, so there signals keep their default action.
+    stop = (StopRequest(announce=info.is_main).install() if runtime["placement"] == "colocated"
+            else StopRequest())
+    stopped_by = 0
+    while state["global_step"] < total_steps and not stopped_by:
         lr = lr_at(state["global_step"], schedule_steps, warmup_steps(optim_cfg, steps_per_epoch),
                    peak, optim_cfg["min_lr"])
         for param_group in client_optimizer.param_groups:
@@ -269,20 +291,27 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
             for row, bad in zip(pending, verdicts):
                 _judge_step(row["step"], bad, state, run_cfg, log, last_ckpt)
             pending, window_start = [], time.perf_counter()
+            stopped_by = stop.agreed(group, info.device)  # the window's host sync is paid
+            saving = saving or bool(stopped_by)
         if saving:
             last_ckpt = ckpt.save_checkpoint(engine, run_dir / "checkpoints", state["global_step"],
                                              {**state, "config": cfg}, info.rank,
                                              run_cfg["keep_last"], group=group)
             window_start = time.perf_counter()  # checkpoint time is not training time
+    stop.restore()
+    if stopped_by:
+        log.warn(f"stopped by {signal.Signals(stopped_by).name} at step {state['global_step']}"
+                 f" of {total_steps}; checkpoint {last_ckpt}: --resume auto continues the run")
     placement.close()
 
     # Backends that probe up front see every bad file on every rank: count each file once.
     per_rank = [None] * dist.get_world_size(group)
     dist.all_gather_object(per_rank, list(loader.skipped_files), group=group)
     skipped = len(set().union(*per_rank))
-    exported = None
-    if run_cfg["export"] and last_ckpt is not None and info.is_main:
-        exported = ckpt.export_student(last_ckpt, run_dir / f"student_{cfg['model']['arch']}.pth")
+    exported, export_file = None, run_dir / f"student_{cfg['model']['arch']}.pth"
+    if run_cfg["export"] and last_ckpt is not None and info.is_main and not stopped_by:
+        trained = state["global_step"] > start_step or not export_file.exists()
+        exported = ckpt.export_student(last_ckpt, export_file) if trained else export_file
     barrier(group)
     wall = time.perf_counter() - train_start
     steps_run = state["global_step"] - start_step
@@ -297,10 +326,11 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
         "peak memory (rank 0)": f"{_peak_memory_gb(info.device):.2f} GiB",
         "last checkpoint": str(last_ckpt),
         "exported student": str(exported) if exported else "-",
+        **({"stopped by": signal.Signals(stopped_by).name} if stopped_by else {}),
     })
     log.close()
     return {"run_dir": run_dir, "role": "student", "last_checkpoint": last_ckpt,
-            "exported": exported, **state}
+            "exported": exported, "stopped_by": stopped_by, **state}
 
 
 def _judge_step(step: int, verdict: float, state: dict, run_cfg: dict, log: RunLogger,

@@ -1,0 +1,213 @@
+"""Mistakes a user makes in a config or on a command line get one clear error naming the culprit."""
+import importlib.util
+import re
+
+import pytest
+import torch
+
+from dmt.build import build_teachers
+from dmt.config import batch_arithmetic, check_files, load_config
+from dmt.data.sampling import ShardedEpochs
+from dmt.errors import ConfigError, DataError
+from engine_utils import REPO, check, metrics, run_pretrain, tiny_config
+
+# FFCV compiles its helpers with numba; numba's finaliser raises a harmless KeyError at
+# garbage collection (upstream noise, as in test_data_tools).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
+
+
+def load_script(relative):
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_config_file_that_is_not_a_mapping_is_named(tmp_path):
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("- run\n- model\n")
+    with pytest.raises(ConfigError, match=r"listed\.yaml must hold a mapping.*got a list"):
+        load_config(listed)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.base_lr=-1", "'optim.base_lr' must be positive, got -1"),
+    ("optim.base_lr=0", "'optim.base_lr' must be positive, got 0"),
+    ("optim.lr=-0.001", "'optim.lr' must be positive, got -0.001"),
+    ("optim.min_lr=-1.0e-6", "'optim.min_lr' must be at least 0, got -1e-06"),
+    ("optim.weight_decay=-0.05", "'optim.weight_decay' must be at least 0, got -0.05"),
+    ("optim.warmup_epochs=-1", "'optim.warmup_epochs' must be at least 0, got -1"),
+    ("optim.clip_grad=-1.0", "'optim.clip_grad' must be at least 0, got -1.0"),
+    ("optim.betas=[0.9, 1.5]", r"'optim.betas' must be two numbers in \[0, 1\)"),
+])
+def test_negative_optimizer_values_are_refused_by_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "configs" / "demo.yaml", [override])
+
+
+def test_boundary_optimizer_values_are_accepted():
+    cfg = load_config(REPO / "configs" / "demo.yaml",
+                      ["optim.min_lr=0", "optim.weight_decay=0", "optim.warmup_epochs=0",
+                       "optim.lr=null", "optim.betas=[0, 0.999]"])
+    o = cfg["optim"]
+    assert (o["min_lr"], o["weight_decay"], o["warmup_epochs"], o["lr"]) == (0, 0, 0, None)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.crop_scale=[0.5, 0.2]", r"'data.crop_scale' must satisfy 0 < low <= high <= 1"),
+    ("data.crop_scale=[0, 1]", r"'data.crop_scale' must satisfy"),
+    ("data.color_jitter=[0.4, -0.1, 0.4]", r"'data.color_jitter' must be 3 non-negative"),
+])
+def test_augmentation_ranges_are_named_with_their_section(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "configs" / "demo.yaml", [override])
+
+
+def test_pretrain_takes_overrides_on_both_sides_of_an_option():
+    pretrain = load_script("launch/pretrain.py")
+    args = pretrain.parse_args(["--config", "x.yaml", "run.name=k1", "--resume", "auto",
+                                "run.epochs=4", "--deepspeed_config", "ds.json", "optim.lr=1"])
+    assert args.overrides == ["run.name=k1", "run.epochs=4", "optim.lr=1"]
+    assert (args.config, args.resume, args.deepspeed_config) == ("x.yaml", "auto", "ds.json")
+
+
+# --- synthetic data: data.path is a sample count ---------------------------------
+
+def _synthetic(*overrides):
+    return load_config(REPO / "configs" / "demo.yaml", ["data.backend=synthetic", *overrides])
+
+
+def test_synthetic_sample_count_passes_every_check():
+    cfg = _synthetic("data.path=100")
+    assert cfg["data"]["path"] == 100
+    check_files(cfg, REPO)  # no file named "100" is looked for
+    assert _synthetic("data.path=null")["data"]["path"] is None
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "'100'", "true", "2.5"])
+def test_synthetic_needs_a_positive_integer_count(value):
+    with pytest.raises(ConfigError, match="data.path"):
+        _synthetic(f"data.path={value}")
+
+
+def test_other_backends_still_need_a_path_not_a_count():
+    with pytest.raises(ConfigError, match=r"'data.path' must be str for backend torch.*got 100"):
+        load_config(REPO / "configs" / "demo.yaml", ["data.backend=torch", "data.path=100"])
+
+
+def test_synthetic_count_trains_and_overrides_follow_options(tmp_path):
+    """The CLI end to end: 64 synthetic samples, global batch 8, so an epoch is 8 steps,
+    and the override after --resume is applied (10 steps, not the config's 2 epochs)."""
+    cfg = tiny_config(tmp_path, tmp_path, name="syn", data={"backend": "synthetic", "path": None})
+    check(run_pretrain(cfg, "data.path=64", "--resume", "auto", "run.max_steps=10"))
+    rows = metrics(tmp_path / "runs" / "syn")
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert [r["epoch"] for r in rows] == [0] * 8 + [1] * 2
+
+
+# --- teachers ------------------------------------------------------------------
+
+def test_only_the_selected_teachers_need_checkpoints(tmp_path):
+    mae, ibot = tmp_path / "mae.pth", tmp_path / "ibot.pth"
+    mae.touch()
+    ibot.touch()
+    cfg = load_config(REPO / "configs" / "dmt_vit_small.yaml",
+                      ["method.teachers=[mae, ibot]", f"teachers.0.checkpoint={mae}",
+                       f"teachers.2.checkpoint={ibot}", f"data.path={tmp_path}"])
+    check_files(cfg, REPO)  # the unused mocov3 checkpoint is not looked for
+    ibot.unlink()
+    with pytest.raises(ConfigError, match="ibot.pth") as err:
+        check_files(cfg, REPO)
+    assert "vit-b-300ep" not in str(err.value)
+
+
+def test_every_missing_teacher_checkpoint_is_named_at_once(tmp_path):
+    cfg = load_config(REPO / "configs" / "dmt_vit_small.yaml",
+                      [f"data.path={tmp_path}", "teachers.1.checkpoint=null"])
+    with pytest.raises(ConfigError) as err:
+        check_files(cfg, REPO)
+    message = str(err.value)
+    assert "teachers[0] ('mae'): checkpoint file not found: checkpoints/mae_pretrain_vit_base.pth" in message
+    assert "teachers[1] ('mocov3', kind mocov3) has no checkpoint" in message
+    assert "ibot_vitb16_checkpoint_teacher.pth" in message
+
+
+def test_a_random_teacher_warns_that_its_checkpoint_is_ignored():
+    teacher = "{name: r, kind: random, arch: vit_tiny_patch16_224, checkpoint: /ckpt/mae.pth}"
+    common = ["model.img_size=32", "teacher_runtime.dtype=float32"]
+    warnings = []
+    build_teachers(load_config(None, [f"teachers=[{teacher}]", *common]), torch.device("cpu"),
+                   warn=warnings.append, shapes_only=True)
+    assert any("/ckpt/mae.pth is ignored" in w for w in warnings), warnings
+    warnings.clear()
+    build_teachers(load_config(None, ["teachers=[{kind: random, arch: vit_tiny_patch16_224}]",
+                                      *common]),
+                   torch.device("cpu"), warn=warnings.append, shapes_only=True)
+    assert len(warnings) == 1 and "ignored" not in warnings[0]
+
+
+# --- batches -------------------------------------------------------------------
+
+@pytest.mark.parametrize("global_batch, micro_batch, ranks", [
+    (16, 32, 1), (32, 32, 2), (4096, 96, 8), (100, 32, 1), (4096, 96, 3)])
+def test_batch_hint_suggests_distinct_numbers_that_work(global_batch, micro_batch, ranks):
+    with pytest.raises(ConfigError) as err:
+        batch_arithmetic(global_batch, micro_batch, ranks)
+    hint = str(err.value).split("; ", 1)[1]
+    globals_ = [int(g) for g in re.search(r"optim\.global_batch=([\d or]+)", hint)
+                .group(1).split(" or ")]
+    assert globals_ and len(set(globals_)) == len(globals_), hint
+    for g in globals_:
+        assert g > 0 and batch_arithmetic(g, micro_batch, ranks) >= 1
+    micro = re.search(r"optim\.micro_batch=(\d+)", hint)
+    if micro:
+        assert batch_arithmetic(global_batch, int(micro.group(1)), ranks) >= 1
+    else:  # no micro-batch fits: the global batch does not split over the ranks
+        assert global_batch % ranks
+
+
+def test_too_few_samples_names_the_micro_batch_and_the_keys_to_change():
+    with pytest.raises(DataError) as err:
+        ShardedEpochs(8, 32, world_size=1)
+    message = str(err.value)
+    assert "8 samples do not fill one micro-batch of 32 on each of 1 rank(s)" in message
+    assert "optim.micro_batch" in message and "optim.global_batch" in message
+    assert "one global batch of 32" not in message
+
+
+# --- data files ----------------------------------------------------------------
+
+def test_ffcv_given_a_folder_says_it_needs_a_beton(tmp_path):
+    from dmt.data import build_loader
+
+    with pytest.raises(DataError, match=r"is a folder.*launch/make_beton\.py"):
+        build_loader("ffcv", tmp_path, 4)
+    cfg = load_config(REPO / "configs" / "demo.yaml",
+                      ["data.backend=ffcv", f"data.path={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"is a folder.*\.beton.*launch/make_beton\.py"):
+        check_files(cfg, REPO)
+
+
+def test_loader_benchmark_reports_a_data_error_in_one_line(tmp_path, capsys):
+    bench = load_script("benchmarks/dataloader.py")
+    missing = tmp_path / "nonexist"
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--backend", "torch", "--path", str(missing), "--out", str(tmp_path / "x.json")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err and str(missing) in err
+    assert not (tmp_path / "x.json").exists()
+
+
+# --- export --------------------------------------------------------------------
+
+def test_export_names_the_path_it_was_given_not_resume(tmp_path, capsys):
+    export = load_script("launch/export.py")
+    (tmp_path / "plain").mkdir()
+    for target, message in ((tmp_path / "nonexist", "does not exist"),
+                            (tmp_path / "plain", "neither a run directory")):
+        assert export.main([str(target), "--out", str(tmp_path / "x.pth")]) == 2
+        err = capsys.readouterr().err
+        assert str(target) in err and message in err and "--resume" not in err

@@ -1,0 +1,67 @@
+"""A stop signal (a scheduler's SIGTERM, a terminal's Ctrl-C) ends the run at the end of
+the log window with a checkpoint; --resume auto then goes on from exactly there."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dmt.data import write_sample_images
+from engine_utils import PRETRAIN, REPO, check, clean_env, metrics, run_pretrain, tiny_config
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_sample_images(tmp_path_factory.mktemp("images"), num_images=32, size=48,
+                               seed=0, num_classes=2)
+
+
+def _signal_mid_run(config, signum: int, run_dir, whole_group: bool):
+    """Starts a long run, waits for its first logged window, sends the signal (to the whole
+    process group, as a terminal does, or to the trainer alone, as a scheduler may)."""
+    process = subprocess.Popen([sys.executable, str(PRETRAIN), "--config", str(config)],
+                               cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        file = run_dir / "metrics.jsonl"
+        if file.is_file() and len(file.read_text().splitlines()) >= 1:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()
+    if whole_group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=300)
+    return process.returncode, stdout + stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, workers, whole_group", [(signal.SIGTERM, 0, False),
+                                                           (signal.SIGINT, 2, True)])
+def test_a_stop_signal_checkpoints_and_resumes(tmp_path, images, signum, workers, whole_group):
+    name = signal.Signals(signum).name
+    # 4 steps an epoch, 50 epochs: the run is far from done when the signal comes. A log
+    # window of 6 steps (12 micro-batches) outlasts what the data workers prefetched (8),
+    # so the loader must go on working after the signal.
+    cfg = tiny_config(tmp_path, images, name="stop", run={"epochs": 50, "log_every": 6},
+                      data={"num_workers": workers})
+    run_dir = tmp_path / "runs" / "stop"
+    code, output = _signal_mid_run(cfg, signum, run_dir, whole_group)
+    assert code == 128 + signum, output
+    rows = metrics(run_dir)
+    stopped_at = rows[-1]["step"]
+    # The stop comes at the end of a log window, with a checkpoint of that very step.
+    assert stopped_at % 6 == 0 and [r["step"] for r in rows] == list(range(1, stopped_at + 1))
+    assert f"stopped by {name} at step {stopped_at} of 200" in output
+    assert output.count(f"{name} received") == 1  # the trainer's notice, not each worker's
+    tag = f"step{stopped_at:08d}"
+    assert (run_dir / "checkpoints" / "latest").read_text() == tag
+    assert "Traceback" not in output
+    assert not (run_dir / "student_vit_tiny_patch16_224.pth").exists()  # not finished
+    result = check(run_pretrain(cfg, "--resume", "auto", f"run.max_steps={stopped_at + 2}"))
+    assert "resumed from" in result.stdout and f"at step {stopped_at} " in result.stdout
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, stopped_at + 3))
