@@ -249,7 +249,9 @@ def _check_data_path(data: dict) -> None:
     """synthetic takes a sample count as its path; every other backend a file or folder."""
     path = data["path"]
     if data["backend"] == "synthetic":
-        if path is not None and (not _type_ok(path, (int,)) or path < 1):
+        # a quoted count ("100") reads the same, as it always has
+        count = int(path) if isinstance(path, str) and path.isdigit() else path
+        if count is not None and (not _type_ok(count, (int,)) or count < 1):
             raise ConfigError(f"config key 'data.path' of backend synthetic is a sample count: "
                               f"a positive integer, or null for ImageNet's 1,281,167; "
                               f"got {path!r}")

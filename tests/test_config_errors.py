@@ -84,9 +84,10 @@ def test_synthetic_sample_count_passes_every_check():
     assert cfg["data"]["path"] == 100
     check_files(cfg, REPO)  # no file named "100" is looked for
     assert _synthetic("data.path=null")["data"]["path"] is None
+    check_files(_synthetic("data.path='100'"), REPO)  # quoted, as configs wrote it before
 
 
-@pytest.mark.parametrize("value", ["0", "-5", "'100'", "true", "2.5"])
+@pytest.mark.parametrize("value", ["0", "-5", "'-5'", "'1e3'", "true", "2.5"])
 def test_synthetic_needs_a_positive_integer_count(value):
     with pytest.raises(ConfigError, match="data.path"):
         _synthetic(f"data.path={value}")

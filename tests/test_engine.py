@@ -52,6 +52,21 @@ def test_two_ranks_zero2_bf16_loss_decreases(tmp_path, fixed_images):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "ZeRO optimizer partitions of 2 student rank(s), this launch has 1" in result.stderr
     assert (tmp_path / "runs" / "ddp" / "config.yaml").read_text() == config_before
+    # Rank 1's partition cut short: only rank 1 reads it, yet both ranks stop, at once.
+    ckpt = tmp_path / "runs" / "ddp" / "checkpoints" / "step00000024"
+    (partition,) = ckpt.glob("*zero_pp_rank_1_*optim_states.pt")
+    partition.write_bytes(partition.read_bytes()[:1000])
+    result = run_pretrain(cfg, "--resume", "auto", "run.max_steps=30", nproc=2,
+                          launcher="torchrun", timeout=300)
+    assert result.returncode != 0
+    assert f"[rank 1] checkpoint {ckpt} is damaged: rank 1 found {partition.name}" in result.stderr
+    assert f"[rank 0] checkpoint {ckpt} is damaged: another rank found" in result.stderr
+    # ... and gone, it is named before anything is built.
+    partition.unlink()
+    result = run_pretrain(cfg, "--resume", "auto", "run.max_steps=30", nproc=2,
+                          launcher="torchrun", timeout=300)
+    assert "lacks the ZeRO optimizer partitions of student rank(s) [1]" in result.stderr
+    assert (tmp_path / "runs" / "ddp" / "config.yaml").read_text() == config_before
 
 
 @pytest.mark.slow
@@ -165,7 +180,7 @@ def test_damaged_checkpoints_are_refused_with_a_way_out(tmp_path, images):
     refused(f"{state_file} is unreadable")
     state_file.write_bytes(good_state)
     states.write_bytes(good_states[: len(good_states) // 2])
-    refused(f"DeepSpeed could not load the checkpoint in {newest}")
+    refused(f"checkpoint {newest} is damaged: rank 0 found mp_rank_00_model_states.pt")
     states.unlink()
     refused(f"checkpoint {newest} has no DeepSpeed model states")
     shutil.rmtree(newest)

@@ -104,12 +104,19 @@ def test_deepspeed_config_takes_batch_arithmetic_and_clipping_from_the_yaml(tmp_
                          ('"zero_optimization": {"stage": 2, "offload_optimizer": '
                           '{"device": "cpu"}}', "zero_optimization.offload_optimizer"),
                          ('"bf16": {"enabled": true, "check_grad_overflow": false}',
-                          "bf16.check_grad_overflow=false")]:
+                          "bf16.check_grad_overflow=false"),
+                         ('"zero_optimization": {"stage": 2, "compute_grad_norm": false}',
+                          "zero_optimization.compute_grad_norm=false")]:
         own.write_text("{" + section + "}")
         with pytest.raises(ConfigError, match=f"does not support {key}"):
             deepspeed_config(cfg, accum=2)
     own.write_text('{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}}')
     assert deepspeed_config(cfg, accum=2)["zero_optimization"]["stage"] == 2
+    for broken, message in [('{"train_batch_size": ', "is not valid JSON"),
+                            ("[1, 2]", "must hold a JSON object")]:
+        own.write_text(broken)
+        with pytest.raises(ConfigError, match=message):
+            deepspeed_config(cfg, accum=2)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from dmt.data import write_sample_images
-from engine_utils import PRETRAIN, REPO, check, clean_env, metrics, run_pretrain, tiny_config
+from engine_utils import (PRETRAIN, REPO, check, clean_env, free_port, metrics, run_pretrain,
+                          tiny_config)
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +66,55 @@ def test_a_stop_signal_checkpoints_and_resumes(tmp_path, images, signum, workers
     result = check(run_pretrain(cfg, "--resume", "auto", f"run.max_steps={stopped_at + 2}"))
     assert "resumed from" in result.stdout and f"at step {stopped_at} " in result.stdout
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, stopped_at + 3))
+
+
+def _worker_of_rank(launcher: int, rank: int) -> int | None:
+    """The pid of the launcher's child process that runs `rank` (Linux /proc; torchrun
+    starts each worker in a session of its own)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            if parent != launcher:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        except (OSError, ValueError, IndexError):
+            continue
+        if env.get(b"RANK") == str(rank).encode():
+            return int(entry)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the rank's process in /proc (Linux)")
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, images):
+    """A scheduler may signal one process first: the ranks agree at the window's end, so
+    all of them checkpoint the same step and stop."""
+    cfg = tiny_config(tmp_path, images, name="one", run={"epochs": 50, "log_every": 3})
+    run_dir = tmp_path / "runs" / "one"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                f"--master_port={free_port()}", str(PRETRAIN), "--config", str(cfg)]
+    process = subprocess.Popen(launcher, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        file = run_dir / "metrics.jsonl"
+        if file.is_file() and file.read_text().strip():
+            break
+        time.sleep(0.2)
+    rank1 = _worker_of_rank(process.pid, 1)
+    assert rank1 is not None and process.poll() is None
+    os.kill(rank1, signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    output = stdout + stderr
+    assert process.returncode != 0  # torchrun reports its workers' 143
+    rows = metrics(run_dir)
+    stopped_at = rows[-1]["step"]
+    assert stopped_at % 3 == 0 and stopped_at < 200, output
+    assert f"stopped by SIGTERM at step {stopped_at} of 200" in output  # said by rank 0
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step{stopped_at:08d}"
+    assert sorted(p.name for p in (run_dir / "checkpoints" / f"step{stopped_at:08d}")
+                  .glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]

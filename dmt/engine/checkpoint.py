@@ -15,10 +15,12 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from dmt.engine.distributed import barrier
 from dmt.errors import CheckpointError
@@ -148,18 +150,27 @@ def _partition_ranks(path: Path) -> set[int]:
             if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))}
 
 
-def check_loadable(path: Path, student_ranks: int) -> None:
+def check_loadable(path: Path, student_ranks: int, trainer_state: dict) -> None:
     """Refuse, before any model is built, a checkpoint DeepSpeed would fail on: missing
     files, or ZeRO partitions for another number of student ranks."""
     if not any(path.glob("*mp_rank_*_model_states.pt")):  # ZeRO-3: zero_pp_rank_R_mp_rank_..
         raise CheckpointError(f"checkpoint {path} has no DeepSpeed model states "
                               "(*mp_rank_00_model_states.pt); " + _alternatives(path.parent.parent, path))
-    saved = _partition_ranks(path)
-    if saved and len(saved) != student_ranks:
+    found = _partition_ranks(path)
+    if not found:
+        return  # no ZeRO: the whole state is in the model states, for any number of ranks
+    # Checkpoints before dmt recorded student_ranks: trust the partitions found.
+    saved_ranks = trainer_state.get("student_ranks", max(found) + 1)
+    missing = sorted(set(range(saved_ranks)) - found)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks the ZeRO optimizer partitions of "
+                              f"student rank(s) {missing} (*zero_pp_rank_R_*optim_states.pt); "
+                              + _alternatives(path.parent.parent, path))
+    if saved_ranks != student_ranks:
         raise CheckpointError(
-            f"checkpoint {path} holds ZeRO optimizer partitions of {len(saved)} student "
+            f"checkpoint {path} holds ZeRO optimizer partitions of {saved_ranks} student "
             f"rank(s), this launch has {student_ranks}: a ZeRO checkpoint resumes on the same "
-            f"number of student ranks (launch with {len(saved)}), or start a new run from its "
+            f"number of student ranks (launch with {saved_ranks}), or start a new run from its "
             "weights (launch/export.py)")
 
 
@@ -190,15 +201,45 @@ def check_compatible(saved_cfg: dict, cfg: dict, path: Path) -> None:
                               + "\n  ".join(diffs))
 
 
-def load_checkpoint(engine, path: Path, rank: int) -> dict:
-    """Restores engine, optimizer and this rank's RNG; returns the trainer state."""
+def _unreadable(path: Path, rank: int, data_rank: int) -> str | None:
+    """The first of the files this rank will load that is damaged (torch.save writes zip
+    archives, whose checksums testzip verifies), or None."""
+    mine = [f for f in sorted(path.glob("*.pt"))
+            if (f.name.startswith("rng_") and f.name == f"rng_rank{rank}.pt")
+            or (not f.name.startswith("rng_")
+                and ("zero_pp_rank_" not in f.name or f"zero_pp_rank_{data_rank}_" in f.name))]
+    for file in mine:
+        try:
+            with zipfile.ZipFile(file) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                return f"{file.name}: {bad} fails its checksum"
+        except (zipfile.BadZipFile, OSError) as err:
+            return f"{file.name}: {err}"
+    return None
+
+
+def load_checkpoint(engine, path: Path, rank: int, group=None) -> dict:
+    """Restores engine, optimizer and this rank's RNG; returns the trainer state. Each rank
+    loads its own files (ZeRO partitions), so they are checked first and the ranks agree:
+    one rank's damaged file stops every rank, before DeepSpeed's collectives could hang."""
+    data_rank = dist.get_rank(group) if dist.is_initialized() else 0
+    failure = _unreadable(path, rank, data_rank)
+    failed = torch.tensor([float(failure is not None)], device=engine.device)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+    if failed.item():
+        where = f"rank {rank} found {failure}" if failure else "another rank found a damaged file"
+        raise CheckpointError(f"checkpoint {path} is damaged: {where}; "
+                              + _alternatives(path.parent.parent, path))
     try:
         load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+    except (torch.OutOfMemoryError, dist.DistError):
+        raise  # the machine's trouble, not the files'
     except Exception as err:  # noqa: BLE001
-        # Truncated or foreign files surface as any of torch's, pickle's or DeepSpeed's
-        # internal errors: name the checkpoint and the way out instead.
+        # Foreign files surface as any of torch's, pickle's or DeepSpeed's internal errors.
         raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path}: "
-                              f"{type(err).__name__}: {str(err).splitlines()[0][:300]}; "
+                              f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}; "
                               + _alternatives(path.parent.parent, path)) from None
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path}")

@@ -70,8 +70,8 @@ class StepGuard:
         verdict, self.verdict = self.verdict, torch.zeros((), dtype=torch.float32,
                                                           device=self.device)
         grads = [p.grad for p in self.check_gradients or () if p.grad is not None]
-        if grads:  # one pass over the gradients: any inf or NaN makes the sum non-finite
-            total = torch.stack(torch._foreach_norm(grads)).float().sum()
+        if grads:  # one pass: a max-abs norm passes any inf or NaN on, and never overflows
+            total = torch.stack(torch._foreach_norm(grads, float("inf"))).float().sum()
             verdict = torch.maximum(verdict, NONFINITE_GRADIENTS * (~torch.isfinite(total)).float())
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(verdict, op=dist.ReduceOp.MAX, group=self.group)

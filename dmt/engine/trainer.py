@@ -59,6 +59,8 @@ def deepspeed_config(cfg: dict, accum: int, path: str | None = None) -> dict:
             "device", "none") not in ("none", None),
         "bf16.check_grad_overflow=false": ds.get("bf16", {}).get("check_grad_overflow", True)
         is False,
+        # ZeRO-1/2 in fp32 find non-finite gradients only through the norm they compute
+        "zero_optimization.compute_grad_norm=false": zero.get("compute_grad_norm", True) is False,
     }
     for key, present in refused.items():
         if present:
@@ -139,7 +141,7 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     if resume_from is not None:
         saved = ckpt.read_trainer_state(resume_from)
         ckpt.check_compatible(saved["config"], cfg, resume_from)
-        ckpt.check_loadable(resume_from, dp_world)
+        ckpt.check_loadable(resume_from, dp_world, saved)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier()
@@ -213,7 +215,8 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     guard = StepGuard.for_engine(engine, client_optimizer, info.device, group)  # non-finite steps
     skip_lone_allreduce(engine, group)
     if resume_from is not None:
-        ckpt.load_checkpoint(engine, resume_from, info.rank)
+        # Each rank loads its own ZeRO partition: one rank's damaged file stops them all.
+        ckpt.load_checkpoint(engine, resume_from, info.rank, group)
     if info.is_main:  # the run's config, once it has passed every check
         ckpt.write_atomic(run_dir / "config.yaml", dump_config(cfg).encode())
     log.close()
@@ -291,12 +294,14 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
             for row, bad in zip(pending, verdicts):
                 _judge_step(row["step"], bad, state, run_cfg, log, last_ckpt)
             pending, window_start = [], time.perf_counter()
-            stopped_by = stop.agreed(group, info.device)  # the window's host sync is paid
+            # A signal in the run's last window changes nothing: it ends here anyway.
+            stopped_by = 0 if done else stop.agreed(group, info.device)  # one more scalar
             saving = saving or bool(stopped_by)
         if saving:
+            saved_state = {**state, "student_ranks": dp_world, "config": cfg}
             last_ckpt = ckpt.save_checkpoint(engine, run_dir / "checkpoints", state["global_step"],
-                                             {**state, "config": cfg}, info.rank,
-                                             run_cfg["keep_last"], group=group)
+                                             saved_state, info.rank, run_cfg["keep_last"],
+                                             group=group)
             window_start = time.perf_counter()  # checkpoint time is not training time
     stop.restore()
     if stopped_by:
