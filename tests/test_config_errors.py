@@ -212,3 +212,32 @@ def test_export_names_the_path_it_was_given_not_resume(tmp_path, capsys):
         assert export.main([str(target), "--out", str(tmp_path / "x.pth")]) == 2
         err = capsys.readouterr().err
         assert str(target) in err and message in err and "--resume" not in err
+
+
+def test_unreadable_teacher_checkpoints_say_so_without_unsafe_advice(tmp_path):
+    from dmt.errors import CheckpointError
+    from dmt.models.checkpoints import read_checkpoint_file
+    text = tmp_path / "notes.pth"
+    text.write_text("these are not weights\n")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*notes.pth: (not a "
+                       "PyTorch checkpoint|it pickles objects other than tensors)") as err:
+        read_checkpoint_file(text)
+    assert "weights_only" not in str(err.value)
+    import argparse
+    import torch
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"w": torch.ones(2), "f": tmp_path}, foreign)  # a Path: neither tensor nor Namespace
+    with pytest.raises(CheckpointError, match="it pickles objects other than tensors") as err:
+        read_checkpoint_file(foreign)
+    assert "weights_only" not in str(err.value)
+    torch.save({"w": torch.ones(2), "args": argparse.Namespace(lr=1)}, foreign)
+    assert read_checkpoint_file(foreign)["args"].lr == 1  # what official checkpoints hold
+    import torch
+    whole = tmp_path / "whole.pth"
+    torch.save({"w": torch.ones(64, 64)}, whole)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(whole.read_bytes()[:2000])
+    with pytest.raises(CheckpointError, match=f"cannot read checkpoint {cut}: ") as err:
+        read_checkpoint_file(cut)
+    assert "\n" not in str(err.value)
+    assert read_checkpoint_file(whole)["w"].sum().item() == 64 * 64

@@ -188,6 +188,11 @@ def test_damaged_checkpoints_are_refused_with_a_way_out(tmp_path, images):
     # The way out works: the older checkpoint resumes and trains on.
     result = check(run_pretrain(cfg, "--resume", str(ckpts / "step00000002"), "run.epochs=2"))
     assert "resumed from" in result.stdout and "step00000002" in result.stdout
+    # run.epochs went from 1 to 2: the warning gives the lr the next step then trains with.
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert (f"run.epochs changed from 1 to 2: the lr schedule now spans 2 epochs, so the lr "
+            f"at step 2 is {rows[2]['lr']:.3g}") in " ".join(result.stdout.split())
 
 
 @pytest.mark.slow

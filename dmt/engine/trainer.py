@@ -231,6 +231,7 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     if resume_from is not None:
         log.info(f"resumed from {resume_from} at step {state['global_step']} "
                  f"(epoch {state['epoch']}, step {state['step_in_epoch']} of the epoch)")
+        _warn_if_schedule_moved(saved["config"], cfg, state["global_step"], steps_per_epoch, log)
         if state["global_step"] >= total_steps:
             log.info(f"{run_dir} is already complete ({state['global_step']}/{total_steps} "
                      "steps): nothing to train. Raise run.epochs / run.max_steps to go on, or "
@@ -363,6 +364,20 @@ def _judge_step(step: int, verdict: float, state: dict, run_cfg: dict, log: RunL
                        f"{run_cfg['max_nonfinite']}) at step {step}; the last checkpoint is "
                        f"{last_ckpt or 'none'}. Lower the lr, enable optim.clip_grad, or check "
                        "the data.")
+
+
+def _warn_if_schedule_moved(saved_cfg: dict, cfg: dict, step: int, steps_per_epoch: int,
+                            log: RunLogger) -> None:
+    """A resumed run may raise run.epochs (the schedule then spans the new length): say
+    what that does to the lr here, so a jump in the logged lr is no surprise."""
+    before, now = saved_cfg["run"]["epochs"], cfg["run"]["epochs"]
+    if before == now:
+        return
+    optim_cfg = cfg["optim"]
+    lrs = [lr_at(step, epochs * steps_per_epoch, warmup_steps(optim_cfg, steps_per_epoch),
+                 peak_lr(optim_cfg), optim_cfg["min_lr"]) for epochs in (before, now)]
+    log.warn(f"run.epochs changed from {before} to {now}: the lr schedule now spans {now} "
+             f"epochs, so the lr at step {step} is {lrs[1]:.3g} instead of {lrs[0]:.3g}")
 
 
 def warmup_steps(optim_cfg: dict, steps_per_epoch: int) -> int:

@@ -7,6 +7,7 @@ tokens are dropped here; whatever is left must fit the encoder exactly.
 from __future__ import annotations
 
 import argparse
+import pickle
 from pathlib import Path
 
 import torch
@@ -33,7 +34,13 @@ def read_checkpoint_file(path: str | Path) -> dict:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
-            raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+            first = (str(err).splitlines() or [""])[0]
+            if isinstance(err, pickle.UnpicklingError) or "weights only" in first.lower():
+                # not torch's advice to retry with weights_only=False: that runs any code
+                reason = "it pickles objects other than tensors, or is no checkpoint at all"
+            else:
+                reason = f"not a PyTorch checkpoint, or damaged ({type(err).__name__}: {first})"
+            raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
 
 
 def _strip(state: dict, prefixes: tuple[str, ...]) -> dict:
