@@ -219,6 +219,7 @@ def _rank_worker(rank, world, port, out_dir):
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump({"skips": verdicts,
                        "step": optimizer.state[next(model.parameters())]["step"].item()}, f)
+        dist.barrier()  # gloo aborts a rank torn down while its peer still talks to it
     finally:
         dist.destroy_process_group()
 
