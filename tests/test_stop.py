@@ -19,19 +19,25 @@ def images(tmp_path_factory):
                                seed=0, num_classes=2)
 
 
-def _signal_mid_run(config, signum: int, run_dir, whole_group: bool):
-    """Starts a long run, waits for its first logged window, sends the signal (to the whole
-    process group, as a terminal does, or to the trainer alone, as a scheduler may)."""
-    process = subprocess.Popen([sys.executable, str(PRETRAIN), "--config", str(config)],
-                               cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
+def _start_and_wait_for_a_window(command: list[str], run_dir) -> subprocess.Popen:
+    """Starts a run in a session of its own; returns once its first log window is written."""
+    process = subprocess.Popen(command, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         file = run_dir / "metrics.jsonl"
-        if file.is_file() and len(file.read_text().splitlines()) >= 1:
+        if file.is_file() and file.read_text().strip():
             break
         time.sleep(0.2)
     assert process.poll() is None, process.communicate()
+    return process
+
+
+def _signal_mid_run(config, signum: int, run_dir, whole_group: bool):
+    """Starts a long run, waits for its first logged window, sends the signal (to the whole
+    process group, as a terminal does, or to the trainer alone, as a scheduler may)."""
+    process = _start_and_wait_for_a_window([sys.executable, str(PRETRAIN), "--config",
+                                            str(config)], run_dir)
     if whole_group:
         os.killpg(process.pid, signum)
     else:
@@ -97,16 +103,9 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, images
     run_dir = tmp_path / "runs" / "one"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                 f"--master_port={free_port()}", str(PRETRAIN), "--config", str(cfg)]
-    process = subprocess.Popen(launcher, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        file = run_dir / "metrics.jsonl"
-        if file.is_file() and file.read_text().strip():
-            break
-        time.sleep(0.2)
+    process = _start_and_wait_for_a_window(launcher, run_dir)
     rank1 = _worker_of_rank(process.pid, 1)
-    assert rank1 is not None and process.poll() is None
+    assert rank1 is not None
     os.kill(rank1, signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=300)
     output = stdout + stderr

@@ -71,9 +71,8 @@ class StepGuard:
                                                           device=self.device)
         grads = [p.grad for p in self.check_gradients or () if p.grad is not None]
         if grads:
-            # One pass over the gradients: a sum passes any inf or NaN on (inf - inf is NaN)
-            # and overflows only past ~1e38. On one CPU thread, ViT-S: 5 ms; a max-abs norm
-            # took 80 ms, an L2 norm (which overflows at ~1e19) 6 ms.
+            # One vectorised pass over the gradients: a sum passes any inf or NaN on
+            # (inf - inf is NaN) and, unlike an L2 norm's squares, overflows only near 1e38.
             total = torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum()
             verdict = torch.maximum(verdict, NONFINITE_GRADIENTS * (~torch.isfinite(total)).float())
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
