@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from dmt.data import augment
-from dmt.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, make_views, normalize, to_device
+from dmt.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, make_views, normalize
 from dmt.data.synthetic_backend import SyntheticLoader
-from dmt.placement.dedicated import PAD, DedicatedStudent, DedicatedTeacher, _to, _Wire
+from dmt.placement.dedicated import PAD, DedicatedStudent, DedicatedTeacher, _Wire
+from dmt.transfer import to_device
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -134,9 +135,7 @@ class FakePinnedMemory:
 
 
 @pytest.mark.parametrize("caller_pinned", [False, True], ids=["pageable", "pinned"])
-@pytest.mark.parametrize("move", [to_device, _to], ids=["to_device", "dedicated._to"])
-def test_host_to_cuda_copies_read_a_pinned_buffer_of_their_own(monkeypatch, move,
-                                                               caller_pinned):
+def test_host_to_cuda_copies_read_a_pinned_buffer_of_their_own(monkeypatch, caller_pinned):
     """The CUDA branch without a GPU: the async copy must read pinned memory (else the host
     waits for the GPU queue) that is not the caller's (which it may reuse at once)."""
     memory = FakePinnedMemory(monkeypatch)
@@ -144,7 +143,7 @@ def test_host_to_cuda_copies_read_a_pinned_buffer_of_their_own(monkeypatch, move
     if caller_pinned:
         source = source.pin_memory()
         assert source.is_pinned()
-    moved = move(source, torch.device("cuda"))
+    moved = to_device(source, torch.device("cuda"))
     assert len(memory.copies) == 1
     read, non_blocking = memory.copies[0]
     assert non_blocking and memory.is_pinned(read)

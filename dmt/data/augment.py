@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dmt.data.rng import uniform
+from dmt.transfer import to_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -97,24 +98,6 @@ def jitter_factors(spec: ViewSpec, epoch: int, indices) -> np.ndarray:
                                low=max(0.0, 1.0 - strength), high=1.0 + strength)
                        if strength > 0 else np.ones(len(idx)))
     return np.stack(columns, axis=1).astype(np.float32)
-
-
-def to_device(host, device) -> torch.Tensor:
-    """A host array (numpy or CPU tensor) as a tensor on `device`.
-
-    On CUDA: pinned + non_blocking, since a copy from pageable memory makes the host
-    wait for the whole GPU queue (the previous step included). The copy reads a pinned
-    buffer of its own, which the caching host allocator keeps until the copy is done, so
-    the caller may reuse `host` at once. Elsewhere: a plain `.to`.
-    """
-    tensor = torch.as_tensor(host)
-    if torch.device(device).type != "cuda":
-        return tensor.to(device)
-    # pin_memory() returns an already pinned tensor itself: the async copy would then
-    # read the caller's buffer after we return, so copy that one into our own.
-    pinned = (torch.empty_like(tensor, pin_memory=True).copy_(tensor) if tensor.is_pinned()
-              else tensor.pin_memory())
-    return pinned.to(device, non_blocking=True)
 
 
 @functools.lru_cache(maxsize=64)

@@ -28,10 +28,11 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.reader import Reader
 from ffcv.traversal_order.base import TraversalOrder
 
-from dmt.data.augment import ViewSpec, crop_boxes, make_views, to_device
+from dmt.data.augment import ViewSpec, crop_boxes, make_views
 from dmt.data.loader import DualViewLoader
 from dmt.data.sampling import ShardedEpochs
 from dmt.errors import DataError
+from dmt.transfer import to_device
 
 _CROP_FIELDS = ("crop_top", "crop_left", "crop_height", "crop_width")
 

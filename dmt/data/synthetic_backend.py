@@ -13,11 +13,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dmt.data.augment import ViewSpec, crop_boxes, make_views, to_device
+from dmt.data.augment import ViewSpec, crop_boxes, make_views
 from dmt.data.loader import DualViewLoader
 from dmt.data.rng import uniform
 from dmt.data.sampling import ShardedEpochs
 from dmt.errors import DataError
+from dmt.transfer import to_device
 
 IMAGENET_TRAIN_SIZE = 1_281_167
 _GRID = 16

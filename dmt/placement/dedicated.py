@@ -23,6 +23,7 @@ import torch.distributed as dist
 from dmt.errors import ConfigError, DMTError
 from dmt.placement.groups import StudentGroups
 from dmt.placement.layout import RankLayout
+from dmt.transfer import to_device
 
 END = -2
 PAD = -1
@@ -39,19 +40,6 @@ def comm_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`tensor` on `device` without a host sync: a copy from pageable memory to a GPU
-    waits for the whole GPU queue (the previous step included), so copy it into a pinned
-    buffer of our own first and copy that non_blocking (the caching host allocator keeps
-    the pinned block until done; the caller may reuse `tensor` at once)."""
-    if tensor.device.type == "cpu" and device.type == "cuda":
-        # pin_memory() returns an already pinned tensor itself: the async copy would then
-        # read the caller's buffer after we return, so copy that one into our own.
-        tensor = (torch.empty_like(tensor, pin_memory=True).copy_(tensor)
-                  if tensor.is_pinned() else tensor.pin_memory())
-    return tensor.to(device, non_blocking=True)
 
 
 class _Wire:
@@ -124,7 +112,7 @@ class DedicatedStudent:
             raise ConfigError(f"batch of {n} images exceeds the micro-batch {self.wire.batch}")
         if "index" in batch:
             sent = self.wire.indices(buf)[:n]
-            self._mismatch += (sent != _to(batch["index"], sent.device)).sum()
+            self._mismatch += (sent != to_device(batch["index"], sent.device)).sum()
         self._steps += 1
         if self._steps % self.check_every == 0:
             self._check()
@@ -182,7 +170,7 @@ class DedicatedTeacher:
         idx, out = self.wire.indices(buf), self.wire.targets(buf)
         idx.fill_(PAD)
         if index is not None:
-            idx[:n].copy_(_to(index, idx.device))
+            idx[:n].copy_(to_device(index, idx.device))
         out[:n].copy_(tokens)  # fp32 -> transfer dtype, straight into the send buffer
         if n < self.wire.batch:
             out[n:].zero_()
