@@ -1,0 +1,153 @@
+"""The two training steps the benchmark compares on the same batches: dmt's fast step (a
+DeepSpeed engine, fast teachers, the trainer's non-finite guard) and the conventional
+reference (fp32 timm teachers under autocast, a plain PyTorch loop)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from benchmarks.matrix import DTYPES, Config
+from benchmarks.timing import Phases
+from dmt.engine.distributed import skip_lone_allreduce
+from dmt.engine.step_guard import StepGuard
+from dmt.flops import vit_shape
+from dmt.losses import DistillationLoss, fuse_teachers
+
+
+class TeacherBank:
+    """fp32 teacher encoders built once (seeded), copied per cell: the fast path converts
+    its copy, the reference keeps fp32 weights as peers' code does."""
+
+    def __init__(self, arch: str, img: int):
+        from dmt.models import create_encoder
+        self.arch, self.img, self.encoders = arch, img, []
+
+        def grow(n):
+            while len(self.encoders) < n:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(len(self.encoders))
+                    self.encoders.append(create_encoder(arch, img).eval())
+        self.grow = grow
+
+    def fast(self, m: int, device, dtype, mode: str, compile_, fp8: bool = False):
+        from dmt.models import FrozenTeacher, TeacherEnsemble
+        from dmt.models.fast import optimize_teachers
+        self.grow(m)
+        ens = TeacherEnsemble([FrozenTeacher(copy.deepcopy(e).to(device), f"t{i}", dtype)
+                               for i, e in enumerate(self.encoders[:m])])
+        stack = {"auto": "auto", "loop": "never", "stacked": "always"}[mode]
+        return optimize_teachers(ens, dtype, compile=compile_, stack=stack, fp8=fp8)
+
+    def reference(self, m: int, device):
+        self.grow(m)
+        out = []
+        for e in self.encoders[:m]:
+            t = copy.deepcopy(e).to(device).eval()
+            for p in t.parameters():
+                p.requires_grad = False
+            out.append(t)
+        return out
+
+
+def ds_config(batch: int, precision: str, zero_stage: int, cuda: bool) -> dict:
+    return {
+        "train_batch_size": batch, "train_micro_batch_size_per_gpu": batch,
+        "gradient_accumulation_steps": 1,
+        # Buckets sized to small students: DeepSpeed's default (5e8 elements, two bf16
+        # buffers with overlap_comm) would add 2 GB to every step's peak memory.
+        "zero_optimization": {"stage": zero_stage, "overlap_comm": cuda,
+                              "reduce_bucket_size": int(5e7), "allgather_bucket_size": int(5e7)},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 12},
+        "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def make_student(arch: str, teacher_dim: int, img: int):
+    from dmt.models import Student
+    torch.manual_seed(0)
+    return Student(arch, teacher_dim=teacher_dim, img_size=img)
+
+
+class ConstantTargets:
+    """0 teachers: the student alone, trained against a fixed target tensor."""
+
+    def __init__(self, batch, tokens, dim, device):
+        self.t = torch.randn(batch, tokens, dim, device=device)
+
+    def targets(self, batch):
+        return self.t[: len(batch["student"])]
+
+
+def build_fast(cfg: Config, bank: TeacherBank, student_arch: str, m: int, batch: int,
+               device, teacher_choice: dict):
+    import deepspeed
+    from dmt.methods.dmt import DMT
+    from dmt.placement import Colocated
+    dtype = DTYPES[cfg.precision]
+    teachers = bank.fast(m, device, dtype, teacher_choice["mode"], teacher_choice["compile"],
+                         teacher_choice.get("fp8", False)) if m else None
+    dim = teachers.embed_dim if m else vit_shape(bank.arch, cfg.img_size).width
+    student = make_student(student_arch, dim, cfg.img_size)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
+    engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer,
+                                      config=ds_config(batch, cfg.precision, cfg.zero_stage,
+                                                        device.type == "cuda"))
+    guard = StepGuard.for_engine(engine, optimizer, device)
+    skip_lone_allreduce(engine)  # as the trainer does
+    if cfg.compile_student:
+        engine.compile()
+    method = DMT(engine, teachers, DistillationLoss())
+    placement = Colocated(method) if m else ConstantTargets(batch, student.num_tokens, dim, device)
+
+    def step(b, phases: Phases):
+        fast_step(placement, method, engine, guard, b, phases)
+
+    return step, {"engine": engine, "teachers": teachers, "student": student}
+
+
+def fast_step(placement, method, engine, guard: StepGuard, b, phases: Phases) -> None:
+    """One DMT training step as the trainer runs it, phase by phase: targets, student
+    forward+backward, optimizer (with the trainer's on-device non-finite guard)."""
+    targets = placement.targets(b)
+    phases.mark()
+    out = method(b, targets=targets)
+    guard.observe(out)
+    engine.backward(out["loss"])
+    guard.decide()
+    phases.mark()
+    engine.step()
+    phases.mark()
+
+
+def build_reference(cfg: Config, bank: TeacherBank, student_arch: str, m: int, batch: int,
+                    device):
+    teachers = bank.reference(m, device)
+    dim = vit_shape(bank.arch, cfg.img_size).width
+    student = make_student(student_arch, dim, cfg.img_size).to(device)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.05)
+    amp_dtype = DTYPES[cfg.reference_precision]
+    amp = amp_dtype != torch.float32
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16
+                                  and device.type == "cuda")
+    loss_fn = DistillationLoss()
+    constant = ConstantTargets(batch, student.num_tokens, dim, device) if not m else None
+
+    def step(b, phases: Phases):
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            targets = fuse_teachers([t.forward_features(b["teacher"]) for t in teachers]) \
+                if m else constant.targets(b)
+        phases.mark()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            tokens = student(b["student"].float())
+            loss = loss_fn(tokens, targets)["loss"]
+        scaler.scale(loss).backward()
+        phases.mark()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        phases.mark()
+
+    return step, {"teachers": teachers, "student": student, "optimizer": optimizer}
