@@ -43,6 +43,17 @@ def _self_time_us(event, cuda: bool) -> float:
     return float(event.self_cpu_time_total)
 
 
+def counted(event, cuda: bool) -> bool:
+    """Whether an event's self time is its own. On a GPU only kernels count: the aten ops
+    that launched them, and record_function ranges (the optimizer step, fp8 quantise,
+    compiled regions), which also appear as device events spanning their kernels, would
+    count the same device time again."""
+    if not cuda:
+        return True
+    return ("CPU" not in str(getattr(event, "device_type", "CPU"))
+            and not getattr(event, "is_user_annotation", False))
+
+
 def profile_steps(step, batches, phases_factory, steps: int, device: torch.device,
                   warmup: int = 3, top: int = 15) -> dict:
     """Runs `warmup` unrecorded steps (compilation, CUDA-graph warm-up and recording) and
@@ -67,9 +78,7 @@ def profile_steps(step, batches, phases_factory, steps: int, device: torch.devic
         wall_ms = 1e3 * (time.perf_counter() - start) / steps
     ops, by_category = [], {}
     for event in prof.key_averages():
-        # On a GPU count kernels only: the aten ops that launched them may report the same
-        # device time again.
-        if cuda and "CPU" in str(getattr(event, "device_type", "CPU")):
+        if not counted(event, cuda):
             continue
         ms = _self_time_us(event, cuda) / 1e3 / steps
         if ms <= 0:

@@ -93,7 +93,11 @@ def measure(step, batches, steps: int, warmup: int, device) -> dict:
 
 
 def cleanup(device):
+    """Frees what the last cell or variant left: its tensors, its compiled code (every
+    cell compiles the same teacher code again: past torch._dynamo's recompile limit it
+    would silently run eager) and, on GPUs, its CUDA-graph pools and cached blocks."""
     gc.collect()
+    torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -397,3 +397,21 @@ def test_ensemble_runs_every_teacher_without_graph(images):
             torch.testing.assert_close(o, t.encoder.forward_features(images), rtol=0, atol=0)
     sub = ens.subset(["ibot", "mae"])
     assert sorted(sub.names) == ["ibot", "mae"]
+
+
+def test_teacher_built_on_a_device_keeps_everything_there():
+    """An encoder moved to a device before it is wrapped (as the throughput benchmark does)
+    gives a teacher whose input re-normalisation is on that device too; the meta device
+    stands in for a GPU, where a CPU buffer would meet GPU images."""
+    from dmt.models import create_encoder
+    from dmt.models.fast import optimize_teachers
+    meta = torch.device("meta")
+    encoders = [create_encoder("vit_tiny_patch16_224", 32).to(meta) for _ in range(2)]
+    teachers = [FrozenTeacher(e, f"t{i}", torch.float32) for i, e in enumerate(encoders)]
+    assert teachers[0].renormalise  # timm's ViT-T statistics differ from ImageNet's
+    assert {t.device for t in teachers[0].buffers()} == {meta}
+    for stack in ("never", "always"):
+        fast = optimize_teachers(TeacherEnsemble(teachers), torch.float32, compile=False,
+                                 stack=stack)
+        tokens = fast(torch.zeros(2, 3, 32, 32, device=meta))
+        assert [t.shape for t in tokens] == [(2, 5, 192)] * 2

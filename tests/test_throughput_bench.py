@@ -133,6 +133,22 @@ def test_profile_categories_cover_cpu_ops_and_gpu_kernels():
     assert {name: categorise(name) for name in expected} == expected
 
 
+def test_gpu_profile_counts_kernels_once():
+    """On a GPU the aten op that launched a kernel and a record_function range around it
+    (optimizer step, fp8 quantise) carry the kernel's device time again: only the kernel
+    counts. On a CPU every operator's self time counts."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    sys.path.insert(0, str(REPO))
+    from benchmarks.profiling import counted
+    kernel = SimpleNamespace(device_type=DeviceType.CUDA, is_user_annotation=False)
+    annotation = SimpleNamespace(device_type=DeviceType.CUDA, is_user_annotation=True)
+    launcher = SimpleNamespace(device_type=DeviceType.CPU, is_user_annotation=False)
+    assert [counted(e, cuda=True) for e in (kernel, annotation, launcher)] == [True, False, False]
+    assert [counted(e, cuda=False) for e in (annotation, launcher)] == [True, True]
+
+
 def _part(machine="NVIDIA H100 80GB HBM3", rows=(), variants=(), profile=None, steps=20):
     def row(student, m, path, ips):
         return {"student": student, "teachers": m, "placement": "colocated",

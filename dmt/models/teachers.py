@@ -86,8 +86,10 @@ class FrozenTeacher(nn.Module):
         self.renormalise = self.mean != IMAGENET_MEAN or self.std != IMAGENET_STD
         scale = torch.tensor(IMAGENET_STD) / torch.tensor(self.std)
         shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(self.mean)) / torch.tensor(self.std)
-        self.register_buffer("input_scale", scale.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("input_shift", shift.view(1, 3, 1, 1), persistent=False)
+        # On the encoder's device: a caller that moved the encoder alone gets a whole teacher.
+        device = next(self.encoder.parameters()).device
+        self.register_buffer("input_scale", scale.view(1, 3, 1, 1).to(device), persistent=False)
+        self.register_buffer("input_shift", shift.view(1, 3, 1, 1).to(device), persistent=False)
 
     @property
     def embed_dim(self) -> int:
