@@ -61,6 +61,15 @@ def test_two_ranks_zero2_bf16_loss_decreases(tmp_path, fixed_images):
     assert result.returncode != 0
     assert f"[rank 1] checkpoint {ckpt} is damaged: rank 1 found {partition.name}" in result.stderr
     assert f"[rank 0] checkpoint {ckpt} is damaged: another rank found" in result.stderr
+    # An intact file of another kind: only rank 1 reads it, and DeepSpeed fails there
+    # alone; the ranks agree after the load, so both stop with the message.
+    torch.save({"step": 24}, partition)
+    result = run_pretrain(cfg, "--resume", "auto", "run.max_steps=30", nproc=2,
+                          launcher="torchrun", timeout=300)
+    assert result.returncode != 0
+    assert f"[rank 1] DeepSpeed could not load the checkpoint in {ckpt} (rank 1: " in result.stderr
+    assert (f"[rank 0] DeepSpeed could not load the checkpoint in {ckpt} (it failed on another "
+            "rank)") in result.stderr
     # ... and gone, it is named before anything is built.
     partition.unlink()
     result = run_pretrain(cfg, "--resume", "auto", "run.max_steps=30", nproc=2,

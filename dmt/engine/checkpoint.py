@@ -219,30 +219,41 @@ def _unreadable(path: Path, rank: int, data_rank: int) -> str | None:
     return None
 
 
+def _any_rank(failed: bool, device, group) -> bool:
+    """Whether any rank of the group failed: every rank leaves together, with a message,
+    instead of the others waiting in the next collective until a timeout."""
+    flag = torch.tensor([float(failed)], device=device)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())
+
+
 def load_checkpoint(engine, path: Path, rank: int, group=None) -> dict:
     """Restores engine, optimizer and this rank's RNG; returns the trainer state. Each rank
     loads its own files (ZeRO partitions), so they are checked first and the ranks agree:
-    one rank's damaged file stops every rank, before DeepSpeed's collectives could hang."""
+    one rank's damaged file stops every rank, before DeepSpeed's collectives could hang.
+    The ranks agree again after DeepSpeed's load, which can fail on one rank only (an
+    intact file of another run)."""
     data_rank = dist.get_rank(group) if dist.is_initialized() else 0
     failure = _unreadable(path, rank, data_rank)
-    failed = torch.tensor([float(failure is not None)], device=engine.device)
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
-    if failed.item():
+    if _any_rank(failure is not None, engine.device, group):
         where = f"rank {rank} found {failure}" if failure else "another rank found a damaged file"
         raise CheckpointError(f"checkpoint {path} is damaged: {where}; "
                               + _alternatives(path.parent.parent, path))
+    failure, client = None, None
     try:
         load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+        if load_path is None:
+            failure = "DeepSpeed found nothing to load"
     except (torch.OutOfMemoryError, dist.DistError):
         raise  # the machine's trouble, not the files'
     except Exception as err:  # noqa: BLE001
         # Foreign files surface as any of torch's, pickle's or DeepSpeed's internal errors.
-        raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path}: "
-                              f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}; "
-                              + _alternatives(path.parent.parent, path)) from None
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path}")
+        failure = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+    if _any_rank(failure is not None, engine.device, group):
+        where = f"rank {rank}: {failure}" if failure else "it failed on another rank"
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path} ({where}); "
+                              + _alternatives(path.parent.parent, path))
     rng_file = path / f"rng_rank{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
