@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         if args.deepspeed_config:
             cfg["deepspeed"]["config"] = args.deepspeed_config
         check_files(cfg, Path(__file__).resolve().parents[1])
-        from dmt.engine.distributed import launched_world_size, setup_distributed
+        from dmt.engine.distributed import launched_world_size, setup_distributed, teardown
 
         accum = batch_arithmetic(cfg["optim"]["global_batch"], cfg["optim"]["micro_batch"],
                                  student_ranks(cfg, launched_world_size()))
@@ -58,6 +58,7 @@ def main(argv=None) -> int:
         info = setup_distributed()
         rank, started = info.rank, True
         result = train(cfg, info, resume=args.resume)
+        teardown()
     except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint since the last one
         if rank == 0:
             print("dmt: interrupted; --resume auto continues from the last checkpoint",

@@ -194,3 +194,58 @@ def test_dedicated_index_transfer_does_not_sync():
     assert wire.indices(buf).tolist() == [7, 3, 9, PAD]
     torch.testing.assert_close(got, tokens)
     assert int(student._mismatch) == 0
+
+
+def _engine_sync_worker(rank, port, out_dir):
+    """Counts the accelerator synchronisations DeepSpeed makes in training steps of an
+    engine built from the trainer's own DeepSpeed config (on CPU they do nothing, so they
+    are counted, not felt)."""
+    import json
+    import os
+
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from dmt.config import load_config
+    from dmt.engine.trainer import REPO_ROOT, deepspeed_config
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo")
+    accelerator, calls = get_accelerator(), []
+    synchronize = accelerator.synchronize
+    accelerator.synchronize = lambda *a, **k: (calls.append(1), synchronize(*a, **k))[1]
+    counts = {}
+    for ds_file in ("cpu_fp32", "zero2_bf16"):
+        cfg = load_config(REPO_ROOT / "configs" / "demo.yaml",
+                          [f"deepspeed.config=ds_configs/{ds_file}.json",
+                           "optim.global_batch=8", "optim.micro_batch=4"])
+        model = torch.nn.Linear(4, 4)
+        optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                          config=deepspeed_config(cfg, accum=2))
+        dtype = next(engine.module.parameters()).dtype
+        calls.clear()
+        for _ in range(4 * 2):  # 4 steps of 2 micro-batches
+            loss = engine(torch.randn(4, 4).to(dtype)).float().square().mean()
+            engine.backward(loss)
+            engine.step()
+        counts[ds_file] = len(calls)
+        engine.destroy()
+    with open(f"{out_dir}/syncs.json", "w") as f:
+        json.dump(counts, f)
+    dist.destroy_process_group()
+
+
+def test_deepspeed_engine_steps_do_not_synchronise(tmp_path):
+    """DeepSpeed's throughput timer (on by default) synchronises the device twice per
+    micro-batch; the trainer's DeepSpeed config turns it off."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from engine_utils import free_port
+    mp.start_processes(_engine_sync_worker, args=(free_port(), str(tmp_path)), nprocs=1,
+                       start_method="spawn", join=True)
+    assert json.loads((tmp_path / "syncs.json").read_text()) == {"cpu_fp32": 0, "zero2_bf16": 0}

@@ -86,6 +86,10 @@ def _session(rank, kind, teacher_ranks, transfer, teachers, out_dir, checkpoint)
     student = Student("vit_tiny_patch16_224", teacher_dim=192, img_size=IMG)
     placement = build_placement(kind, teacher_ranks, DMT(student, teachers),
                                 micro_batch=MICRO_BATCH, transfer_dtype=transfer_dtype)
+    if kind == "dedicated":  # the targets travel on a group of their own (see dedicated.py)
+        import torch.distributed as dist
+        assert placement.stream is not None and placement.stream != dist.group.WORLD
+        assert dist.get_process_group_ranks(placement.stream) == list(range(dist.get_world_size()))
     ckpt_dir = os.path.join(out_dir, f"ckpt_{kind}_{transfer}")
     tag = f"global_step{CKPT_STEP}"
     if placement.role == "teacher":

@@ -68,6 +68,15 @@ def barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
+def teardown() -> None:
+    """Ends the process group once every rank is done with it (the barrier: a rank that
+    left early would cut a peer's last collective short). Left to the interpreter's exit,
+    NCCL communicators are aborted with a warning on every rank."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def skip_lone_allreduce(engine, group=None) -> bool:
     """A DeepSpeed engine without ZeRO on a single data-parallel rank still copies every
     gradient into a bucket and back around an all-reduce over that one rank: three passes

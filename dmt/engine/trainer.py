@@ -71,6 +71,9 @@ def deepspeed_config(cfg: dict, accum: int, path: str | None = None) -> dict:
     ds["gradient_accumulation_steps"] = accum
     ds["gradient_clipping"] = float(cfg["optim"]["clip_grad"] or 0.0)
     ds.setdefault("zero_allow_untested_optimizer", True)
+    # DeepSpeed's throughput timer synchronises the GPU twice per micro-batch by default;
+    # dmt measures images/s per log window itself.
+    ds.setdefault("timers", {"throughput": {"enabled": False}})
     if not torch.cuda.is_available():  # no CUDA streams to overlap with on CPU
         ds.get("zero_optimization", {})["overlap_comm"] = False
     return ds

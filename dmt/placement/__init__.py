@@ -61,9 +61,11 @@ def build_placement(kind: str, teacher_ranks: int = 0, method=None, *,
         raise ConfigError("placement 'dedicated' needs torch.distributed to be initialised")
     layout = RankLayout(dist.get_world_size(), int(teacher_ranks))
     groups = StudentGroups(layout.student_ranks)  # collective: every rank builds it
+    stream = dist.new_group(list(range(layout.world_size)))  # the targets' own communicator
     if layout.is_teacher(dist.get_rank()):
         if method is None or getattr(method, "teachers", None) is None or not micro_batch:
             raise ConfigError("a teacher rank needs the method with its teachers and micro_batch")
         return DedicatedTeacher(layout, groups, method, micro_batch, device, transfer_dtype,
-                                prefetch)
-    return DedicatedStudent(layout, groups, device, micro_batch, check_every)
+                                prefetch, stream_group=stream)
+    return DedicatedStudent(layout, groups, device, micro_batch, check_every,
+                            stream_group=stream)

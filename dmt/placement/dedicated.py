@@ -10,10 +10,17 @@ Wire format, one message per batch and student: a uint8 buffer holding the B int
 indices (-1 = padding of a short batch, END in slot 0 = end of stream) followed by the
 [B, T, D] targets in the transfer dtype. The indices let the student check, without a
 host sync per step, that targets and images belong together.
+
+The stream has a process group of its own: with NCCL's eager initialisation (DeepSpeed
+binds a device at init), point-to-point calls on the world group share the world
+communicator and its stream, so a student's posted receives would hold up its next
+world-wide collective (a barrier, a checkpoint) that the teacher must join before it
+sends: a deadlock gloo never shows.
 """
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 
@@ -68,15 +75,15 @@ class DedicatedStudent:
 
     def __init__(self, layout: RankLayout, groups: StudentGroups,
                  device: torch.device | None = None, micro_batch: int | None = None,
-                 check_every: int | None = None):
+                 check_every: int | None = None, stream_group=None):
         self.rank = dist.get_rank()
-        self.layout, self.mpu = layout, groups
+        self.layout, self.mpu, self.stream = layout, groups, stream_group
         self.teacher = layout.teacher_of(self.rank)
         self.data_rank, self.data_world_size = self.rank, layout.num_students
         self.comm_device = comm_device()
         self.device = torch.device(device) if device is not None else self.comm_device
         header = torch.zeros(5, dtype=torch.int64, device=self.comm_device)
-        dist.recv(header, src=self.teacher)  # handshake: the teacher states the shapes
+        dist.recv(header, src=self.teacher, group=self.stream)  # handshake: the teacher states the shapes
         batch, tokens, dim, self.prefetch, code = (int(v) for v in header.tolist())
         if micro_batch is not None and micro_batch != batch:
             raise ConfigError(f"student rank {self.rank} uses micro-batch {micro_batch} but its "
@@ -92,7 +99,7 @@ class DedicatedStudent:
 
     def _post(self) -> None:
         buf = self.wire.empty(self.comm_device)
-        self._pending.append((buf, dist.irecv(buf, src=self.teacher)))
+        self._pending.append((buf, dist.irecv(buf, src=self.teacher, group=self.stream)))
 
     def _check(self) -> None:
         if int(self._mismatch.item()):
@@ -138,13 +145,14 @@ class DedicatedTeacher:
 
     def __init__(self, layout: RankLayout, groups: StudentGroups, method, micro_batch: int,
                  device: torch.device | None = None,
-                 transfer_dtype: torch.dtype = torch.bfloat16, prefetch: int = 2):
+                 transfer_dtype: torch.dtype = torch.bfloat16, prefetch: int = 2,
+                 stream_group=None):
         if transfer_dtype not in _DTYPE_CODES:
             raise ConfigError(f"transfer dtype must be one of {list(_DTYPE_CODES)}")
         if prefetch < 1:
             raise ConfigError("prefetch must be >= 1")
         self.rank = dist.get_rank()
-        self.layout, self.mpu, self.method = layout, groups, method
+        self.layout, self.mpu, self.method, self.stream = layout, groups, method, stream_group
         self.students = layout.students_of(self.rank)
         self.comm_device = comm_device()
         self.device = torch.device(device) if device is not None else self.comm_device
@@ -155,7 +163,7 @@ class DedicatedTeacher:
                                _DTYPE_CODES[transfer_dtype]], dtype=torch.int64,
                               device=self.comm_device)
         for s in self.students:
-            dist.send(header, dst=s)
+            dist.send(header, dst=s, group=self.stream)
 
     @property
     def data_shards(self) -> list[tuple[int, int]]:
@@ -206,10 +214,10 @@ class DedicatedTeacher:
                 n = len(b["teacher"])
                 buf = self._pack(fused[start:start + n], b.get("index"))
                 start += n
-                inflight.append((buf, dist.isend(buf, dst=s)))
+                inflight.append((buf, dist.isend(buf, dst=s, group=self.stream)))
             # Bounded run-ahead: at most `prefetch` batches per student in flight.
             while len(inflight) > self.prefetch * len(self.students):
-                inflight.popleft()[1].wait()
+                self._sent(inflight.popleft()[1])
             served += 1
             if on_step is not None:
                 on_step(served)
@@ -218,10 +226,19 @@ class DedicatedTeacher:
         self.wire.indices(end)[0] = END
         for _ in range(self.prefetch):  # completes the receives each student keeps posted
             for s in self.students:
-                inflight.append((end, dist.isend(end, dst=s)))
-        while inflight:
-            inflight.popleft()[1].wait()
+                inflight.append((end, dist.isend(end, dst=s, group=self.stream)))
+        while inflight:  # delivered before this rank may exit and tear its group down
+            self._sent(inflight.popleft()[1])
         return served
+
+    def _sent(self, work) -> None:
+        """Returns once a send has completed. Under NCCL, wait() only makes the current
+        stream wait: the host would run ahead without bound and could exit with the last
+        sends still queued."""
+        work.wait()
+        if self.comm_device.type == "cuda":
+            while not work.is_completed():
+                time.sleep(1e-4)
 
     def join_checkpoint(self, tag: str | None = None) -> None:
         """Matches the world-wide collectives of DeepSpeed's engine.save_checkpoint on the
