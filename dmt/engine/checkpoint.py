@@ -240,7 +240,7 @@ def load_checkpoint(engine, path: Path, rank: int, group=None) -> dict:
         where = f"rank {rank} found {failure}" if failure else "another rank found a damaged file"
         raise CheckpointError(f"checkpoint {path} is damaged: {where}; "
                               + _alternatives(path.parent.parent, path))
-    failure, client = None, None
+    failure = None
     try:
         load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name)
         if load_path is None:

@@ -83,7 +83,8 @@ class DedicatedStudent:
         self.comm_device = comm_device()
         self.device = torch.device(device) if device is not None else self.comm_device
         header = torch.zeros(5, dtype=torch.int64, device=self.comm_device)
-        dist.recv(header, src=self.teacher, group=self.stream)  # handshake: the teacher states the shapes
+        # Handshake: the teacher states the shapes.
+        dist.recv(header, src=self.teacher, group=self.stream)
         batch, tokens, dim, self.prefetch, code = (int(v) for v in header.tolist())
         if micro_batch is not None and micro_batch != batch:
             raise ConfigError(f"student rank {self.rank} uses micro-batch {micro_batch} but its "
