@@ -291,12 +291,14 @@ def main(argv=None) -> Path:
                                       dict(choice, compile=False))
                 fit, _ = run_path_auto(eager_builder, cfg, source, device, student_dtype,
                                        candidates, steps=1, warmup=1)
-                # One size above: compiled code often needs less activation memory. Not
-                # with CUDA graphs: running out of memory while one is captured can leave
-                # the CUDA context unusable rather than raise a catchable OOM.
+                # One size above: compiled code often needs less activation memory. With
+                # CUDA graphs one size below: their private memory pool is not shared with
+                # the student, and running out of memory while a graph is captured can
+                # leave the CUDA context unusable rather than raise a catchable OOM.
                 graphs = choice["compile"] in ("reduce-overhead", "max-autotune")
                 i = BATCH_CANDIDATES.index(fit)
-                candidates = BATCH_CANDIDATES[i if graphs else max(0, i - 1):]
+                candidates = BATCH_CANDIDATES[min(i + 1, len(BATCH_CANDIDATES) - 1)
+                                              if graphs else max(0, i - 1):]
             batch, fast = run_path_auto(fast_builder, cfg, source, device, student_dtype,
                                         candidates)
             ref_batch, ref = run_path_auto(ref_builder, cfg, source, device, torch.float32,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import sys
 import time
 
 import torch
@@ -100,9 +101,13 @@ def cleanup(device):
     torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        dali = sys.modules.get("nvidia.dali.backend")
+        if dali is not None:  # DALI keeps a pool of its own, which empty_cache leaves alone
+            dali.ReleaseUnusedMemory()
 
 
-_OOM_MESSAGES = ("out of memory", "alloc_failed", "not_enough_workspace", "cuda failure 2")
+_OOM_MESSAGES = ("out of memory", "alloc_failed", "not_enough_workspace", "cuda failure 2",
+                 "cublas_status_not_initialized")  # no memory left for cuBLAS's handle
 
 
 def is_oom(err: BaseException) -> bool:

@@ -14,7 +14,7 @@ from dmt.errors import ConfigError
 from dmt.losses import DistillationLoss, fuse_teachers
 from dmt.models import FrozenTeacher, TeacherEnsemble, create_encoder
 from dmt.models.fast import optimize_teachers
-from dmt.models.fp8 import Float8Linear, convert_to_fp8, fp8_unsupported
+from dmt.models.fp8 import Float8Linear, convert_to_fp8, fp8_unsupported, probe_in_child
 from engine_utils import REPO, check, metrics, run_pretrain, tiny_config
 
 UNSUPPORTED = fp8_unsupported(torch.device("cpu"))
@@ -166,6 +166,18 @@ def test_convert_skips_misaligned_linears():
 
 
 @pytest.mark.slow
+def test_the_probe_runs_in_a_fresh_interpreter_and_reports_its_failure():
+    # A GPU probe runs in a child process (a kernel fault would poison this one's CUDA
+    # context). On the CPU the child must import this dmt and pass like the in-process try;
+    # a device the child cannot use comes back as a reason, not as an exception here.
+    assert probe_in_child("cpu") is None
+    if not torch.cuda.is_available():
+        reason = probe_in_child("cuda")
+        assert reason.startswith("torch._scaled_mm with rowwise scales failed on cuda "
+                                 "(probe process):")
+        assert "CUDA" in reason
+
+
 def test_trainer_runs_with_fp8_teachers(tmp_path):
     from dmt.data import write_sample_images
     images = write_sample_images(tmp_path / "images", num_images=8, size=48, seed=0,

@@ -212,7 +212,8 @@ def _engine_sync_worker(rank, port, out_dir):
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo")
+    # DeepSpeed puts the engine on the GPU where there is one: count there, as it trains.
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     accelerator, calls = get_accelerator(), []
     synchronize = accelerator.synchronize
     accelerator.synchronize = lambda *a, **k: (calls.append(1), synchronize(*a, **k))[1]
@@ -226,9 +227,10 @@ def _engine_sync_worker(rank, port, out_dir):
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                           config=deepspeed_config(cfg, accum=2))
         dtype = next(engine.module.parameters()).dtype
+        x = torch.randn(4, 4).to(engine.device, dtype)
         calls.clear()
         for _ in range(4 * 2):  # 4 steps of 2 micro-batches
-            loss = engine(torch.randn(4, 4).to(dtype)).float().square().mean()
+            loss = engine(x).float().square().mean()
             engine.backward(loss)
             engine.step()
         counts[ds_file] = len(calls)

@@ -118,7 +118,8 @@ def _engine_worker(rank, port, out_dir):
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo")
+    # DeepSpeed puts the engine on the GPU where there is one: run there, as the trainer does.
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     results = {}
     for stage in (0, 2):
         for bf16 in (False, True):
@@ -129,11 +130,11 @@ def _engine_worker(rank, port, out_dir):
                       "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16},
                       "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
             engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-            guard = StepGuard.for_engine(engine, optimizer, torch.device("cpu"))
+            guard = StepGuard.for_engine(engine, optimizer, engine.device)
             weights = []
             for step in range(3):
                 x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
-                x = x.to(torch.bfloat16) if bf16 else x
+                x = x.to(engine.device, torch.bfloat16 if bf16 else torch.float32)
                 y = engine(x)
                 loss = _nan_gradient_loss(y) if step == 1 else y.float().square().mean()
                 guard.observe({"loss": loss, "student_tokens": y})

@@ -149,6 +149,26 @@ def test_gpu_profile_counts_kernels_once():
     assert [counted(e, cuda=False) for e in (annotation, launcher)] == [True, True]
 
 
+def test_micro_batch_search_retries_only_out_of_memory():
+    """What the allocator and the CUDA libraries say when memory runs out (as torch words
+    them) makes the search try a smaller micro-batch; any other error ends it."""
+    import torch
+    sys.path.insert(0, str(REPO))
+    from benchmarks.timing import is_oom
+    out_of_memory = [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling "
+                     "`cublasCreate(handle)`"),
+        RuntimeError("NCCL error: unhandled cuda error, NCCL version 2.27.3\n"
+                     "Last error: Cuda failure 2 'out of memory'"),
+    ]
+    other = [RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x6 and 8x2)"),
+             RuntimeError("CUDA error: an illegal memory access was encountered"),
+             ValueError("micro-batch must be positive")]
+    assert [is_oom(e) for e in out_of_memory + other] == [True] * 4 + [False] * 3
+
+
 def _part(machine="NVIDIA H100 80GB HBM3", rows=(), variants=(), profile=None, steps=20):
     def row(student, m, path, ips):
         return {"student": student, "teachers": m, "placement": "colocated",

@@ -17,6 +17,12 @@ produces the activation. benchmarks/throughput.py measures both.
 """
 from __future__ import annotations
 
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,18 +87,55 @@ class Float8Linear(nn.Module):
 
 
 def fp8_unsupported(device: torch.device) -> str | None:
-    """Why FP8 matmuls cannot run on `device` (None when they can), found by trying one."""
+    """Why FP8 matmuls cannot run on `device` (None when they can), found by trying them.
+
+    On a GPU the try runs in a child process: a faulty kernel can end in an illegal memory
+    access (pytorch#133334: rowwise fast accumulation with rows % 256 != 0, as 197-token
+    ViTs have), which poisons the CUDA context for good. In the child that is one clear
+    reason to turn fp8 off; in this process it would end the run."""
+    device = torch.device(device)
     if E4M3 is None:
         return f"torch {torch.__version__} has no float8_e4m3fn"
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        name = torch.cuda.get_device_name(device)
-        return f"{name} has no FP8 tensor cores (compute capability 8.9+ needed: Ada, Hopper)"
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) < (8, 9):
+            name = torch.cuda.get_device_name(device)
+            return f"{name} has no FP8 tensor cores (compute capability 8.9+ needed: Ada, Hopper)"
+        return probe_in_child(str(device))
     try:
-        probe = nn.Linear(_ALIGN, _ALIGN).to(device)
-        Float8Linear(probe)(torch.ones(_ALIGN, _ALIGN, device=device, dtype=torch.bfloat16))
-    except (RuntimeError, NotImplementedError) as err:
+        probe_fp8(device)
+    except Exception as err:  # noqa: BLE001 - torch's value checks raise ValueError too
         return f"torch._scaled_mm with rowwise scales failed on {device}: {err}"
     return None
+
+
+def probe_fp8(device: torch.device) -> None:
+    """Float8Linear at a ViT-B teacher's shapes: 197 and 8 x 197 token rows, width 768."""
+    layer = nn.Linear(768, 768).to(device)
+    fp8 = Float8Linear(layer)
+    for rows in (197, 8 * 197):
+        fp8(torch.randn(rows, 768, device=device, dtype=torch.bfloat16))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # a kernel fault shows here, not at some later call
+
+
+@functools.cache
+def probe_in_child(device: str) -> str | None:
+    """probe_fp8 in a fresh interpreter: None when it passed, else the reason it did not."""
+    root = str(Path(__file__).resolve().parents[2])  # the child imports this dmt
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    code = ("import torch, dmt.models.fp8 as f; "
+            f"f.probe_fp8(torch.device({device!r}))")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return f"FP8 probe on {device} did not finish in 600 s"
+    if done.returncode == 0:
+        return None
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else f"exit status {done.returncode}"
+    return f"torch._scaled_mm with rowwise scales failed on {device} (probe process): {last}"
 
 
 def fp8_blocker(encoder: nn.Module) -> str | None:
