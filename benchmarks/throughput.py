@@ -95,7 +95,9 @@ def parse_args(argv=None) -> Config:
                                      "kernel, top operators, GPU busy fraction")
     p.add_argument("--compile-student", choices=["on", "off"],
                    help="engine.compile() the student (DeepSpeed's torch.compile wrapper)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (--preset cpu: 1, as each rank of the placement "
+                        "comparison and the measured peak use; --preset gpu: torch's default)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/"
                                  "throughput_<preset>_<device>.json)")
     a = p.parse_args(argv)

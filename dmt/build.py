@@ -3,11 +3,36 @@ from __future__ import annotations
 
 import torch
 
+from dmt.errors import CheckpointError, ConfigError
 from dmt.losses import DistillationLoss
 from dmt.methods import METHODS
 from dmt.models import FrozenTeacher, Student, TeacherEnsemble, create_encoder, load_teacher
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def check_models(cfg: dict) -> None:
+    """Before anything is built for real (shapes only, on the meta device): every
+    architecture the run uses exists in timm, and its patches tile model.img_size (timm
+    would otherwise drop the last pixel rows and columns without a word)."""
+    img_size, chosen = cfg["model"]["img_size"], cfg["method"]["teachers"]
+    archs = {cfg["model"]["arch"]: "model.arch"}
+    for i, entry in enumerate(cfg["teachers"]):
+        if chosen is None or entry["name"] in chosen:
+            archs.setdefault(entry["arch"], f"teachers.{i}.arch")
+    for arch, key in archs.items():
+        try:
+            with torch.device("meta"):
+                encoder = create_encoder(arch, img_size)
+        except ConfigError as err:
+            raise ConfigError(f"{key}: {err}") from None
+        patch = encoder.patch_embed.patch_size[0]
+        if img_size % patch:
+            below = img_size - img_size % patch
+            raise ConfigError(f"model.img_size={img_size} is not a multiple of the patch size "
+                              f"{patch} of {arch} ({key}): the last {img_size % patch} pixel "
+                              f"rows and columns would never be seen; use {below} or "
+                              f"{below + patch}")
 
 
 def build_teachers(cfg: dict, device: torch.device, warn=print,
@@ -16,7 +41,7 @@ def build_teachers(cfg: dict, device: torch.device, warn=print,
     that need the teachers' width and token count but never run them (dedicated students)."""
     dtype = DTYPES[cfg["teacher_runtime"]["dtype"]]
     chosen = cfg["method"]["teachers"]
-    teachers = []
+    teachers, failures = [], []
     for i, entry in enumerate(cfg["teachers"]):
         if chosen is not None and entry["name"] not in chosen:
             continue
@@ -33,9 +58,14 @@ def build_teachers(cfg: dict, device: torch.device, warn=print,
                 encoder = create_encoder(entry["arch"], cfg["model"]["img_size"])
             teachers.append(FrozenTeacher(encoder, entry["name"], dtype))
             continue
-        teachers.append(load_teacher(entry["kind"], entry["checkpoint"], arch=entry["arch"],
-                                     img_size=cfg["model"]["img_size"], dtype=dtype,
-                                     name=entry["name"], seed=cfg["run"]["seed"] + i))
+        try:
+            teachers.append(load_teacher(entry["kind"], entry["checkpoint"], arch=entry["arch"],
+                                         img_size=cfg["model"]["img_size"], dtype=dtype,
+                                         name=entry["name"], seed=cfg["run"]["seed"] + i))
+        except CheckpointError as err:  # go on: one message for every teacher that fails
+            failures.append(f"teacher '{entry['name']}' (teachers.{i}): {err}")
+    if failures:
+        raise CheckpointError("\n".join(failures))
     ensemble = TeacherEnsemble(teachers)
     return ensemble if shapes_only else ensemble.to(device)
 

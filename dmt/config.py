@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -93,12 +94,25 @@ def _set_dotted(cfg: dict, dotted: str, value: Any) -> None:
             node = node[part]
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as users write numbers: YAML 1.1 (PyYAML) reads 1e-6, with no dot, as a string."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
+
+
+def _load_yaml(stream):
+    return yaml.load(stream, Loader=_Loader)
+
+
 def parse_override(arg: str) -> tuple[str, Any]:
     if "=" not in arg:
         raise ConfigError(f"override '{arg}' must look like key.sub=value")
     key, raw = arg.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = _load_yaml(raw) if raw != "" else None
     except yaml.YAMLError as err:
         raise ConfigError(f"override '{arg}': cannot parse value: {err}") from err
     return key.strip(), value
@@ -107,14 +121,14 @@ def parse_override(arg: str) -> tuple[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
     """Defaults, then the experiment file, then `key=value` overrides; then validation."""
     with open(DEFAULT_CONFIG) as f:
-        cfg = yaml.safe_load(f)
+        cfg = _load_yaml(f)
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         with open(path) as f:
             try:
-                experiment = yaml.safe_load(f) or {}
+                experiment = _load_yaml(f) or {}
             except yaml.YAMLError as err:
                 raise ConfigError(f"{path} is not valid YAML: {err}") from err
         if not isinstance(experiment, dict):
@@ -182,7 +196,7 @@ def _expected_type(key: str, default: Any) -> tuple[type, ...] | None:
 
 def validate_types(cfg: dict) -> None:
     with open(DEFAULT_CONFIG) as f:
-        defaults = _flatten(yaml.safe_load(f))
+        defaults = _flatten(_load_yaml(f))
     flat = _flatten(cfg)
     for key in flat:
         if key not in defaults and key != "teachers":
@@ -212,6 +226,7 @@ def validate_types(cfg: dict) -> None:
         if len(value) != length or not all(_type_ok(v, (float, int)) for v in value):
             raise ConfigError(f"config key '{key}' must be a list of {length} numbers, got {value}")
     _check_ranges(flat)
+    _check_run_name(flat["run.name"])
     _check_data_path(cfg["data"])
     bad_terms = [t for t in cfg["method"]["losses"] if t not in ("tfd", "sfd")]
     if bad_terms or not cfg["method"]["losses"]:
@@ -229,6 +244,14 @@ def validate_types(cfg: dict) -> None:
                 raise ConfigError(f"teachers[{i}].{field} must be "
                                   f"{' or '.join(x.__name__ for x in types if x is not type(None))}"
                                   f", got {t[field]!r}")
+
+
+def _check_run_name(name: str) -> None:
+    # The run directory is run.output_dir/run.name: a path here would put it elsewhere.
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise ConfigError(f"config key 'run.name' must be a plain folder name, got {name!r} "
+                          "(the run goes to run.output_dir/run.name: set run.output_dir to "
+                          "choose where)")
 
 
 def _check_ranges(flat: dict) -> None:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dmt  # noqa: E402,F401
 import torch  # noqa: E402
 
-from dmt.build import build_method, build_student, build_teachers  # noqa: E402
+from dmt.build import build_method, build_student, build_teachers, check_models  # noqa: E402
 from dmt.config import check_files, load_config  # noqa: E402
 from dmt.data import build_loader, write_sample_images  # noqa: E402
 from dmt.errors import DMTError  # noqa: E402
@@ -100,6 +100,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_files(cfg)
+        check_models(cfg)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         report = check(cfg, args.batches, device)
     except DMTError as err:

@@ -4,7 +4,9 @@
     python launch/export.py runs/vits_3t --out vit_small_dmt.pth
     python launch/export.py runs/vits_3t/checkpoints/step00001000 --out vit_small_dmt.safetensors
 
-The file loads with `timm.create_model(arch, num_classes=0).load_state_dict(...)`.
+The file loads with `timm.create_model(arch, img_size=..., num_classes=0).load_state_dict(...)`
+at the run's model.arch and model.img_size (the position embeddings depend on it); the
+command prints the exact call.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dmt  # noqa: E402,F401
-from dmt.engine.checkpoint import export_student, find_checkpoint  # noqa: E402
+from dmt.engine.checkpoint import export_student, find_checkpoint, read_trainer_state  # noqa: E402
 from dmt.errors import CheckpointError, DMTError  # noqa: E402
 
 
@@ -43,10 +45,12 @@ def main(argv=None) -> int:
         if ckpt is None:
             raise DMTError(f"{path} has no complete checkpoint yet")
         out = export_student(ckpt, Path(args.out))
+        model = read_trainer_state(ckpt)["config"]["model"]
     except DMTError as err:
         print(f"dmt export: error: {err}", file=sys.stderr)
         return 2
-    print(f"exported the student backbone of {ckpt} to {out}")
+    print(f"exported the student backbone of {ckpt} to {out}\nload it with "
+          f"timm.create_model({model['arch']!r}, img_size={model['img_size']}, num_classes=0)")
     return 0
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""DMT pretraining.
+r"""DMT pretraining.
 
     python launch/pretrain.py --config configs/demo.yaml                 # one process
     torchrun --nproc_per_node 8 launch/pretrain.py --config configs/dmt_vit_small.yaml
@@ -47,6 +47,8 @@ def main(argv=None) -> int:
         if args.deepspeed_config:
             cfg["deepspeed"]["config"] = args.deepspeed_config
         check_files(cfg, Path(__file__).resolve().parents[1])
+        from dmt.build import check_models
+        check_models(cfg)
         from dmt.engine.distributed import launched_world_size, setup_distributed, teardown
 
         accum = batch_arithmetic(cfg["optim"]["global_batch"], cfg["optim"]["micro_batch"],

@@ -65,6 +65,36 @@ def test_augmentation_ranges_are_named_with_their_section(override, message):
         load_config(REPO / "configs" / "demo.yaml", [override])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model.arch=vit_tiny_patch17_224",
+     "model.arch: unknown timm architecture 'vit_tiny_patch17_224'"),
+    ("teachers.1.arch=vit_small_patch16_255",
+     "teachers.1.arch: unknown timm architecture 'vit_small_patch16_255'"),
+    ("model.img_size=70", "model.img_size=70 is not a multiple of the patch size 16 of "
+     "vit_tiny_patch16_224 (model.arch): the last 6 pixel rows and columns would never be "
+     "seen; use 64 or 80"),
+])
+def test_models_are_checked_before_anything_is_built(override, message):
+    from dmt.build import check_models
+    check_models(load_config(REPO / "configs" / "demo.yaml"))
+    with pytest.raises(ConfigError) as err:
+        check_models(load_config(REPO / "configs" / "demo.yaml", [override]))
+    assert message in str(err.value)
+
+
+def test_a_teacher_the_run_does_not_use_is_not_checked():
+    from dmt.build import check_models
+    check_models(load_config(REPO / "configs" / "demo.yaml",
+                             ["teachers.1.arch=vit_small_patch16_255", "method.teachers=[teacher_a]"]))
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "..", "''"])
+def test_run_name_cannot_point_outside_the_output_dir(name):
+    with pytest.raises(ConfigError, match="'run.name' must be a plain folder name"):
+        load_config(REPO / "configs" / "demo.yaml", [f"run.name={name}"])
+    assert load_config(REPO / "configs" / "demo.yaml", ["run.name=vit-s_3t.v2"])
+
+
 def test_pretrain_takes_overrides_on_both_sides_of_an_option():
     pretrain = load_script("launch/pretrain.py")
     args = pretrain.parse_args(["--config", "x.yaml", "run.name=k1", "--resume", "auto",
@@ -91,6 +121,16 @@ def test_synthetic_sample_count_passes_every_check():
 def test_synthetic_needs_a_positive_integer_count(value):
     with pytest.raises(ConfigError, match="data.path"):
         _synthetic(f"data.path={value}")
+
+
+def test_exponents_without_a_dot_are_numbers(tmp_path):
+    # PyYAML (YAML 1.1) would read 1e-6 as the string '1e-6'; a user means the number.
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text("optim:\n  base_lr: 1.5e-4\n  min_lr: 1e-6\n")
+    cfg = load_config(experiment, ["optim.weight_decay=5E-2", "data.crop_scale=[2e-1, 1]"])
+    assert (cfg["optim"]["base_lr"], cfg["optim"]["min_lr"]) == (1.5e-4, 1e-6)
+    assert cfg["optim"]["weight_decay"] == 0.05 and cfg["data"]["crop_scale"] == [0.2, 1]
+    assert load_config(None, ["run.name='1e3'"])["run"]["name"] == "1e3"  # quoted: a string
 
 
 def test_other_backends_still_need_a_path_not_a_count():
@@ -147,6 +187,28 @@ def test_a_random_teacher_warns_that_its_checkpoint_is_ignored():
                                       *common]),
                    torch.device("cpu"), warn=warnings.append, shapes_only=True)
     assert len(warnings) == 1 and "ignored" not in warnings[0]
+
+
+def test_every_teacher_checkpoint_that_does_not_load_is_named_at_once(tmp_path):
+    """One round trip for the user: an unreadable file and a file of another model size,
+    each with its teacher, the file and the reason, in one error."""
+    import timm
+
+    from dmt.errors import CheckpointError
+    notes, small = tmp_path / "notes.pth", tmp_path / "vit_small.pth"
+    notes.write_text("these are not weights\n")
+    torch.save(timm.create_model("vit_small_patch16_224", img_size=32, num_classes=0).state_dict(),
+               small)
+    teachers = ", ".join(f"{{name: {n}, kind: timm, arch: vit_tiny_patch16_224, checkpoint: {f}}}"
+                         for n, f in (("a", notes), ("b", small)))
+    cfg = load_config(None, [f"teachers=[{teachers}]", "model.img_size=32"])
+    with pytest.raises(CheckpointError) as err:
+        build_teachers(cfg, torch.device("cpu"))
+    message = str(err.value)
+    assert f"teacher 'a' (teachers.0): cannot read checkpoint {notes}" in message
+    assert (f"teacher 'b' (teachers.1): checkpoint {small} (kind 'timm', arch "
+            "'vit_tiny_patch16_224') does not fit the encoder") in message
+    assert "blocks.0.attn.qkv.weight: file (1152, 384) vs model (576, 192)" in message
 
 
 # --- batches -------------------------------------------------------------------

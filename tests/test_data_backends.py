@@ -152,3 +152,34 @@ def test_file_backends_cut_the_same_crop(make):
         same = (batch["teacher"] - reference["teacher"]).abs().mean()
         mirrored = (batch["teacher"].flip(-1) - reference["teacher"]).abs().mean()
         assert same < 0.1 and mirrored > 3 * same, (backend, same, mirrored)
+
+
+def test_torch_workers_end_with_close_and_at_exit(make, folder, tmp_path):
+    """The workers ignore SIGTERM (a scheduler's stop is the trainer's to handle), which
+    multiprocessing's exit handler relies on: a loader still alive at exit must not hang
+    the process (here a script's loop left half-way, as a traceback would leave it)."""
+    import multiprocessing
+    import subprocess
+    import sys
+
+    from engine_utils import REPO, clean_env
+    loader = make("torch", num_workers=2)
+    first = next(iter(loader))
+    assert len(multiprocessing.active_children()) == 2
+    loader.close()
+    assert multiprocessing.active_children() == []
+    loader.set_epoch(0)
+    assert torch.equal(next(iter(loader))["student"], first["student"])  # new workers
+    loader.close()
+
+    script = tmp_path / "half_an_epoch.py"
+    script.write_text(
+        "import dmt\n"
+        "from dmt.data import build_loader\n"
+        f"loader = build_loader('torch', {str(folder)!r}, 4, image_size=32, num_workers=2)\n"
+        "for batch in loader:\n"
+        "    break\n"
+        "print('left the loop', flush=True)\n")
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True, timeout=120)  # hung before the fix
+    assert done.returncode == 0 and done.stdout == "left the loop\n", done.stderr

@@ -92,8 +92,12 @@ def test_zero3_matches_stage0_and_exports(tmp_path, images):
                           deepspeed={"config": ds_path})
         check(run_pretrain(cfg))
         out = tmp_path / f"{name}.safetensors" if name == "z3" else tmp_path / f"{name}.pth"
-        check(subprocess.run([sys.executable, "launch/export.py", str(tmp_path / "runs" / name),
-                              "--out", str(out)], cwd=REPO, capture_output=True, text=True))
+        done = check(subprocess.run([sys.executable, "launch/export.py",
+                                     str(tmp_path / "runs" / name), "--out", str(out)],
+                                    cwd=REPO, capture_output=True, text=True))
+        # The printed call is the one _timm_load makes: the run's arch and img_size.
+        assert ("timm.create_model('vit_tiny_patch16_224', img_size=32, num_classes=0)"
+                in done.stdout), done.stdout
         if out.suffix == ".safetensors":
             from safetensors.torch import load_file
             state = load_file(str(out))
@@ -185,6 +189,13 @@ def test_damaged_checkpoints_are_refused_with_a_way_out(tmp_path, images):
 
     state_file, states = newest / "trainer_state.json", newest / "mp_rank_00_model_states.pt"
     good_state, good_states = state_file.read_bytes(), states.read_bytes()
+    pointer = ckpts / "latest"
+    pointer.write_text("")  # an emptied pointer: the newest complete checkpoint is the way out
+    result = run_pretrain(cfg, "--resume", "auto", "run.epochs=2", timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{pointer} names no checkpoint ('')" in result.stderr, result.stderr
+    assert f"--resume {newest} continues" in result.stderr, result.stderr
+    pointer.write_text(newest.name)
     state_file.write_text('{"global_step": 4, "conf')
     refused(f"{state_file} is unreadable")
     state_file.write_bytes(good_state)

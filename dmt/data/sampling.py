@@ -40,8 +40,8 @@ class ShardedEpochs:
                     f"{self.num_samples} samples do not fill one micro-batch of {batch_size} "
                     f"on each of {world_size} rank(s) ({global_batch} samples), let alone a "
                     "global batch: add data or lower optim.micro_batch (and "
-                    "optim.global_batch with it); build_loader(drop_last=False) repeats "
-                    "samples instead")
+                    "optim.global_batch with it); in Python code, build_loader(..., "
+                    "drop_last=False) repeats samples instead")
         else:
             self.num_batches = math.ceil(self.num_samples / global_batch)
 

@@ -8,8 +8,16 @@ GPU for a CUDA device (the workers then ship 4x smaller uint8 crops).
 An undecodable file is a counted skip: its slot in the batch is filled with the
 next decodable sample of the same batch (so the batch size stays constant and the
 choice is deterministic), and the loader warns once naming the file.
+
+The workers ignore stop signals (dmt.engine.stop.ignore_stop_signals), so a scheduler's
+SIGTERM to the whole job leaves them serving until the trainer's checkpoint. The same
+makes multiprocessing's own exit handler (SIGTERM, then wait) hang on a loader still
+alive at exit, e.g. one pinned by an exception's traceback: `close()` ends them the
+DataLoader's way, and an exit handler closes every loader still open.
 """
+import atexit
 import os
+import weakref
 
 import numpy as np
 import torch
@@ -111,6 +119,15 @@ class TorchFolderLoader(DualViewLoader):
             pin_memory=not on_cpu, persistent_workers=num_workers > 0,
             worker_init_fn=ignore_stop_signals,
             prefetch_factor=4 if num_workers > 0 else None)
+        if num_workers > 0:
+            _OPEN.add(self)
+
+    def close(self) -> None:
+        """Ends the worker processes now (a later iteration starts new ones)."""
+        workers = getattr(self._dataloader, "_iterator", None)  # persistent workers live here
+        self._dataloader._iterator = None
+        if workers is not None and hasattr(workers, "_shutdown_workers"):
+            workers._shutdown_workers()  # what DataLoader runs when the iterator is freed
 
     def _epoch_batches(self, epoch, batches):
         self._sampler.keys = [[(epoch, int(i)) for i in row] for row in batches]
@@ -124,3 +141,15 @@ class TorchFolderLoader(DualViewLoader):
                 teacher, student = batch["teacher"], batch["student"]
             yield {"teacher": teacher, "student": student,
                    "index": batch["index"], "label": batch["label"]}
+
+
+
+_OPEN = weakref.WeakSet()  # loaders with worker processes
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    # Registered after the exit handlers of multiprocessing and torch (imported above),
+    # so it runs before them: atexit runs the last registered first.
+    for loader in list(_OPEN):
+        loader.close()

@@ -116,7 +116,11 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
         pointer = run_dir / "checkpoints" / LATEST
         if not pointer.is_file():
             return None
-        path = run_dir / "checkpoints" / pointer.read_text().strip()
+        tag = pointer.read_text().strip()
+        path = run_dir / "checkpoints" / tag
+        if not tag or Path(tag).name != tag:  # empty, or a path: not what save_checkpoint writes
+            raise CheckpointError(f"{pointer} names no checkpoint ({tag!r}); "
+                                  + _alternatives(run_dir, pointer))
         if not path.is_dir():
             raise CheckpointError(f"{pointer} points to {path}, which does not exist; "
                                   + _alternatives(run_dir, path))

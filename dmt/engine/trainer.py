@@ -253,61 +253,66 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     stop = (StopRequest(announce=info.is_main).install() if runtime["placement"] == "colocated"
             else StopRequest())
     stopped_by = 0
-    while state["global_step"] < total_steps and not stopped_by:
-        lr = lr_at(state["global_step"], schedule_steps, warmup_steps(optim_cfg, steps_per_epoch),
-                   peak, optim_cfg["min_lr"])
-        for param_group in client_optimizer.param_groups:
-            param_group["lr"] = lr
-        terms, data_wait, indices = None, 0.0, []
-        for micro in range(accum):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            data_wait += time.perf_counter() - t0
-            indices.append(batch["index"].cpu())
-            targets = placement.targets(batch)
-            out = method({"student": batch["student"].to(info.device, student_dtype,
-                                                         non_blocking=True)}, targets=targets)
-            guard.observe(out)
-            step_terms = torch.stack([out[k].detach().float() for k in ("loss", *method.loss.terms)])
-            terms = step_terms if terms is None else terms + step_terms
-            engine.backward(out["loss"])
-            if micro == accum - 1:
-                # A non-finite micro-batch on any rank calls off this optimizer step on
-                # every rank, on the device; the host reads the verdict at the flush.
-                verdict = guard.decide()
-            engine.step()
-        state["global_step"] += 1
-        state["step_in_epoch"] += 1
-        pending.append({"terms": terms / accum, "verdict": verdict, "lr": lr,
-                        "data_wait": data_wait, "digest": _digest(indices),
-                        "step": state["global_step"], "epoch": state["epoch"]})
-        log.advance(state["epoch"])
-        if state["step_in_epoch"] == steps_per_epoch:
-            state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
-            if loader.skipped > skipped_reported:
-                new_files = loader.skipped_files[skipped_reported:]
-                log.warn(f"epoch {state['epoch'] - 1}: {len(new_files)} newly found unreadable "
-                         f"file(s) skipped on rank 0 ({loader.skipped} so far): {new_files[:5]}")
-                skipped_reported = loader.skipped
-        done = state["global_step"] == total_steps
-        saving = checkpoint_due(state["global_step"], run_cfg, total_steps)
-        if len(pending) >= run_cfg["log_every"] or done or saving:  # a checkpoint holds the counts
-            elapsed = time.perf_counter() - window_start
-            verdicts = _flush(pending, log, method.loss.terms, total_steps,
-                              optim_cfg["global_batch"] * len(pending) / elapsed, info, group)
-            for row, bad in zip(pending, verdicts):
-                _judge_step(row["step"], bad, state, run_cfg, log, last_ckpt)
-            pending, window_start = [], time.perf_counter()
-            # A signal in the run's last window changes nothing: it ends here anyway.
-            stopped_by = 0 if done else stop.agreed(group, info.device)  # one more scalar
-            saving = saving or bool(stopped_by)
-        if saving:
-            saved_state = {**state, "student_ranks": dp_world, "config": cfg}
-            last_ckpt = ckpt.save_checkpoint(engine, run_dir / "checkpoints", state["global_step"],
-                                             saved_state, info.rank, run_cfg["keep_last"],
-                                             group=group)
-            window_start = time.perf_counter()  # checkpoint time is not training time
-    stop.restore()
+    try:
+        while state["global_step"] < total_steps and not stopped_by:
+            lr = lr_at(state["global_step"], schedule_steps,
+                       warmup_steps(optim_cfg, steps_per_epoch), peak, optim_cfg["min_lr"])
+            for param_group in client_optimizer.param_groups:
+                param_group["lr"] = lr
+            terms, data_wait, indices = None, 0.0, []
+            for micro in range(accum):
+                t0 = time.perf_counter()
+                batch = next(batches)
+                data_wait += time.perf_counter() - t0
+                indices.append(batch["index"].cpu())
+                targets = placement.targets(batch)
+                out = method({"student": batch["student"].to(info.device, student_dtype,
+                                                             non_blocking=True)}, targets=targets)
+                guard.observe(out)
+                step_terms = torch.stack([out[k].detach().float()
+                                          for k in ("loss", *method.loss.terms)])
+                terms = step_terms if terms is None else terms + step_terms
+                engine.backward(out["loss"])
+                if micro == accum - 1:
+                    # A non-finite micro-batch on any rank calls off this optimizer step on
+                    # every rank, on the device; the host reads the verdict at the flush.
+                    verdict = guard.decide()
+                engine.step()
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+            pending.append({"terms": terms / accum, "verdict": verdict, "lr": lr,
+                            "data_wait": data_wait, "digest": _digest(indices),
+                            "step": state["global_step"], "epoch": state["epoch"]})
+            log.advance(state["epoch"])
+            if state["step_in_epoch"] == steps_per_epoch:
+                state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
+                if loader.skipped > skipped_reported:
+                    new_files = loader.skipped_files[skipped_reported:]
+                    log.warn(f"epoch {state['epoch'] - 1}: {len(new_files)} newly found "
+                             f"unreadable file(s) skipped on rank 0 ({loader.skipped} so far): "
+                             f"{new_files[:5]}")
+                    skipped_reported = loader.skipped
+            done = state["global_step"] == total_steps
+            saving = checkpoint_due(state["global_step"], run_cfg, total_steps)
+            # A checkpoint holds the counts: flush before saving.
+            if len(pending) >= run_cfg["log_every"] or done or saving:
+                elapsed = time.perf_counter() - window_start
+                verdicts = _flush(pending, log, method.loss.terms, total_steps,
+                                  optim_cfg["global_batch"] * len(pending) / elapsed, info, group)
+                for row, bad in zip(pending, verdicts):
+                    _judge_step(row["step"], bad, state, run_cfg, log, last_ckpt)
+                pending, window_start = [], time.perf_counter()
+                # A signal in the run's last window changes nothing: it ends here anyway.
+                stopped_by = 0 if done else stop.agreed(group, info.device)  # one more scalar
+                saving = saving or bool(stopped_by)
+            if saving:
+                saved_state = {**state, "student_ranks": dp_world, "config": cfg}
+                last_ckpt = ckpt.save_checkpoint(engine, run_dir / "checkpoints",
+                                                 state["global_step"], saved_state, info.rank,
+                                                 run_cfg["keep_last"], group=group)
+                window_start = time.perf_counter()  # checkpoint time is not training time
+    finally:  # also when a step fails: the process must stay stoppable
+        stop.restore()
     if stopped_by:
         log.warn(f"stopped by {signal.Signals(stopped_by).name} at step {state['global_step']}"
                  f" of {total_steps}; checkpoint {last_ckpt}: --resume auto continues the run")
