@@ -143,7 +143,6 @@ class TorchFolderLoader(DualViewLoader):
                    "index": batch["index"], "label": batch["label"]}
 
 
-
 _OPEN = weakref.WeakSet()  # loaders with worker processes
 
 
