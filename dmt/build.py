@@ -26,7 +26,11 @@ def check_models(cfg: dict) -> None:
                 encoder = create_encoder(arch, img_size)
         except ConfigError as err:
             raise ConfigError(f"{key}: {err}") from None
-        patch = encoder.patch_embed.patch_size[0]
+        patch = getattr(getattr(encoder, "patch_embed", None), "patch_size", None)
+        if patch is None:
+            raise ConfigError(f"{key}: timm architecture '{arch}' has no patch_embed.patch_size "
+                              "(dmt distils plain Vision Transformers' patch tokens)")
+        patch = patch[0]
         if img_size % patch:
             below = img_size - img_size % patch
             raise ConfigError(f"model.img_size={img_size} is not a multiple of the patch size "

@@ -70,6 +70,10 @@ def test_augmentation_ranges_are_named_with_their_section(override, message):
      "model.arch: unknown timm architecture 'vit_tiny_patch17_224'"),
     ("teachers.1.arch=vit_small_patch16_255",
      "teachers.1.arch: unknown timm architecture 'vit_small_patch16_255'"),
+    ("model.arch=resnet50", "model.arch: timm architecture 'resnet50' is not a Vision "
+     "Transformer dmt can use"),
+    ("model.arch=naflexvit_base_patch16_gap", "model.arch: timm architecture "
+     "'naflexvit_base_patch16_gap' has no patch_embed.patch_size"),
     ("model.img_size=70", "model.img_size=70 is not a multiple of the patch size 16 of "
      "vit_tiny_patch16_224 (model.arch): the last 6 pixel rows and columns would never be "
      "seen; use 64 or 80"),

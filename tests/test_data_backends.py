@@ -157,29 +157,43 @@ def test_file_backends_cut_the_same_crop(make):
 def test_torch_workers_end_with_close_and_at_exit(make, folder, tmp_path):
     """The workers ignore SIGTERM (a scheduler's stop is the trainer's to handle), which
     multiprocessing's exit handler relies on: a loader still alive at exit must not hang
-    the process (here a script's loop left half-way, as a traceback would leave it)."""
+    the process (here a script's loop left half-way, as a traceback would leave it), nor
+    may a forked child's exit stop its parent's workers."""
     import multiprocessing
     import subprocess
     import sys
 
+    from dmt.errors import DataError
     from engine_utils import REPO, clean_env
+    before = set(multiprocessing.active_children())
     loader = make("torch", num_workers=2)
-    first = next(iter(loader))
-    assert len(multiprocessing.active_children()) == 2
+    epoch = iter(loader)
+    first = next(epoch)
+    assert len(set(multiprocessing.active_children()) - before) == 2
     loader.close()
-    assert multiprocessing.active_children() == []
+    assert set(multiprocessing.active_children()) <= before
+    with pytest.raises(DataError, match="closed while it was being iterated"):
+        list(epoch)  # not an epoch quietly cut short
     loader.set_epoch(0)
     assert torch.equal(next(iter(loader))["student"], first["student"])  # new workers
     loader.close()
 
     script = tmp_path / "half_an_epoch.py"
     script.write_text(
+        "import os, sys\n"
         "import dmt\n"
         "from dmt.data import build_loader\n"
         f"loader = build_loader('torch', {str(folder)!r}, 4, image_size=32, num_workers=2)\n"
         "for batch in loader:\n"
         "    break\n"
-        "print('left the loop', flush=True)\n")
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    sys.exit(0)  # runs the exit handlers, as a forked helper process would\n"
+        "os.waitpid(child, 0)\n"
+        "loader.set_epoch(0)\n"
+        "print(sum(1 for _ in loader), 'of', len(loader), flush=True)\n"
+        "for batch in loader:\n"
+        "    break\n")
     done = subprocess.run([sys.executable, str(script)], cwd=REPO, env=clean_env(),
                           capture_output=True, text=True, timeout=120)  # hung before the fix
-    assert done.returncode == 0 and done.stdout == "left the loop\n", done.stderr
+    assert done.returncode == 0 and done.stdout == "12 of 12\n", done.stdout + done.stderr

@@ -195,6 +195,8 @@ def test_damaged_checkpoints_are_refused_with_a_way_out(tmp_path, images):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert f"{pointer} names no checkpoint ('')" in result.stderr, result.stderr
     assert f"--resume {newest} continues" in result.stderr, result.stderr
+    pointer.write_text("..")  # the run directory itself is no checkpoint either
+    assert "names no checkpoint ('..')" in run_pretrain(cfg, "--resume", "auto").stderr
     pointer.write_text(newest.name)
     state_file.write_text('{"global_step": 4, "conf')
     refused(f"{state_file} is unreadable")

@@ -123,7 +123,8 @@ class TorchFolderLoader(DualViewLoader):
             _OPEN.add(self)
 
     def close(self) -> None:
-        """Ends the worker processes now (a later iteration starts new ones)."""
+        """Ends the worker processes now (a later iteration starts new ones; the one under
+        way, if any, raises DataError rather than end the epoch short)."""
         workers = getattr(self._dataloader, "_iterator", None)  # persistent workers live here
         self._dataloader._iterator = None
         if workers is not None and hasattr(workers, "_shutdown_workers"):
@@ -131,7 +132,8 @@ class TorchFolderLoader(DualViewLoader):
 
     def _epoch_batches(self, epoch, batches):
         self._sampler.keys = [[(epoch, int(i)) for i in row] for row in batches]
-        for batch in self._dataloader:
+        served = 0
+        for served, batch in enumerate(self._dataloader, 1):
             for path, reason in batch["skipped"]:
                 self._note_skipped(path, reason)
             if "crops" in batch:  # CUDA: flip, jitter, normalise on the GPU
@@ -141,9 +143,14 @@ class TorchFolderLoader(DualViewLoader):
                 teacher, student = batch["teacher"], batch["student"]
             yield {"teacher": teacher, "student": student,
                    "index": batch["index"], "label": batch["label"]}
+        if served < len(batches):  # DataLoader ends quietly when its workers were shut down
+            raise DataError(f"epoch {epoch} ended after {served} of {len(batches)} batches: "
+                            "the loader was closed while it was being iterated")
 
 
 _OPEN = weakref.WeakSet()  # loaders with worker processes
+# A forked child shares its parent's loaders' queues: its exit must not stop their workers.
+os.register_at_fork(after_in_child=_OPEN.clear)
 
 
 @atexit.register

@@ -118,7 +118,7 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
             return None
         tag = pointer.read_text().strip()
         path = run_dir / "checkpoints" / tag
-        if not tag or Path(tag).name != tag:  # empty, or a path: not what save_checkpoint writes
+        if not tag.startswith("step") or Path(tag).name != tag:  # not what save_checkpoint writes
             raise CheckpointError(f"{pointer} names no checkpoint ({tag!r}); "
                                   + _alternatives(run_dir, pointer))
         if not path.is_dir():

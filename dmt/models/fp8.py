@@ -118,24 +118,33 @@ def probe_fp8(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # a kernel fault shows here, not at some later call
 
 
+# The child prints the error's first line: torch's CUDA errors go on with advice lines.
+_CHILD = """import sys, torch, dmt.models.fp8 as f
+try:
+    f.probe_fp8(torch.device({device!r}))
+except Exception as err:
+    print(f"{{type(err).__name__}}: {{str(err).strip().splitlines()[0]}}")
+    sys.exit(1)
+"""
+
+
 @functools.cache
 def probe_in_child(device: str) -> str | None:
     """probe_fp8 in a fresh interpreter: None when it passed, else the reason it did not."""
     root = str(Path(__file__).resolve().parents[2])  # the child imports this dmt
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    code = ("import torch, dmt.models.fp8 as f; "
-            f"f.probe_fp8(torch.device({device!r}))")
+    failed = f"torch._scaled_mm with rowwise scales failed on {device} (probe process)"
     try:
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                              text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        return f"FP8 probe on {device} did not finish in 600 s"
+        done = subprocess.run([sys.executable, "-c", _CHILD.format(device=device)], env=env,
+                              capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"{failed}: {err}"
     if done.returncode == 0:
         return None
-    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else f"exit status {done.returncode}"
-    return f"torch._scaled_mm with rowwise scales failed on {device} (probe process): {last}"
+    # A crash (a fault that kills the process) prints nothing of its own on stdout.
+    reason = done.stdout.strip() or f"exit status {done.returncode}: {done.stderr.strip()[-300:]}"
+    return f"{failed}: {reason}"
 
 
 def fp8_blocker(encoder: nn.Module) -> str | None:

@@ -23,6 +23,9 @@ def create_encoder(arch: str, img_size: int = 224, **kwargs) -> nn.Module:
                                  drop_rate=0.0, drop_path_rate=0.0, **kwargs)
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise ConfigError(f"unknown timm architecture '{arch}': {err}") from err
+    except TypeError as err:  # a CNN, say: no img_size / drop_path_rate arguments
+        raise ConfigError(f"timm architecture '{arch}' is not a Vision Transformer dmt can "
+                          f"use ({err})") from err
 
 
 def _fit_pos_embed(state: dict, model: nn.Module) -> dict:
