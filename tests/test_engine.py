@@ -125,6 +125,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, images):
         f.write('{"step": 4, "loss": 1.0}\n{"step": 5, "loss": 1.0}\n{"step": 6, "lo')
     resumed = check(run_pretrain(part, "--resume", "auto"))
     assert "resumed from" in resumed.stdout and "step 3" in resumed.stdout
+    assert "found no rng_rank" not in resumed.stdout
     a, b = metrics(tmp_path / "runs" / "full"), metrics(tmp_path / "runs" / "part")
     assert [r["step"] for r in b] == list(range(1, 9))
     assert [r["sample_digest"] for r in a] == [r["sample_digest"] for r in b]
@@ -162,8 +163,11 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(tmp_path, images):
     half = ckpts / ".tmp" / "step00000004"
     shutil.copytree(ckpts / "step00000002", half)
     (half / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    # A checkpoint without this rank's RNG state still resumes, and says so.
+    (ckpts / "step00000002" / "rng_rank0.pt").unlink()
     result = check(run_pretrain(cfg, "--resume", "auto"))
     assert "resumed from" in result.stdout and "step00000002" in result.stdout
+    assert "1 of 1 student rank(s) found no rng_rank<r>.pt" in result.stdout
     assert (ckpts / "latest").read_text() == "step00000004"
     assert not half.exists()
 

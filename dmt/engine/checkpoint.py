@@ -232,8 +232,17 @@ def _any_rank(failed: bool, device, group) -> bool:
     return bool(flag.item())
 
 
-def load_checkpoint(engine, path: Path, rank: int, group=None) -> dict:
-    """Restores engine, optimizer and this rank's RNG; returns the trainer state. Each rank
+def _ranks_agreeing(this_rank: bool, device, group) -> int:
+    """How many ranks of the group say yes."""
+    count = torch.tensor([float(this_rank)], device=device)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
+    return int(count.item())
+
+
+def load_checkpoint(engine, path: Path, rank: int, group=None) -> int:
+    """Restores engine, optimizer and this rank's RNG; returns how many ranks found no RNG
+    state of theirs (a checkpoint of fewer ranks, without ZeRO partitions). Each rank
     loads its own files (ZeRO partitions), so they are checked first and the ranks agree:
     one rank's damaged file stops every rank, before DeepSpeed's collectives could hang.
     The ranks agree again after DeepSpeed's load, which can fail on one rank only (an
@@ -261,7 +270,7 @@ def load_checkpoint(engine, path: Path, rank: int, group=None) -> dict:
     rng_file = path / f"rng_rank{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return client["trainer"]
+    return _ranks_agreeing(not rng_file.is_file(), engine.device, group)
 
 
 def consolidated_student_state(ckpt_dir: Path) -> dict:

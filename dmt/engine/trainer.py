@@ -219,7 +219,7 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     skip_lone_allreduce(engine, group)
     if resume_from is not None:
         # Each rank loads its own ZeRO partition: one rank's damaged file stops them all.
-        ckpt.load_checkpoint(engine, resume_from, info.rank, group)
+        without_rng = ckpt.load_checkpoint(engine, resume_from, info.rank, group)
     if info.is_main:  # the run's config, once it has passed every check
         ckpt.write_atomic(run_dir / "config.yaml", dump_config(cfg).encode())
     log.close()
@@ -235,6 +235,10 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
         log.info(f"resumed from {resume_from} at step {state['global_step']} "
                  f"(epoch {state['epoch']}, step {state['step_in_epoch']} of the epoch)")
         _warn_if_schedule_moved(saved["config"], cfg, state["global_step"], steps_per_epoch, log)
+        if without_rng:  # the data order does not depend on it; drop-path and dropout do
+            log.warn(f"{without_rng} of {dp_world} student rank(s) found no rng_rank<r>.pt "
+                     f"in {resume_from}: their random state starts again from the seed, "
+                     "so the run does not repeat an uninterrupted one exactly")
         if state["global_step"] >= total_steps:
             log.info(f"{run_dir} is already complete ({state['global_step']}/{total_steps} "
                      "steps): nothing to train. Raise run.epochs / run.max_steps to go on, or "
