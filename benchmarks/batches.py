@@ -2,6 +2,7 @@
 data cost), or a dmt.data loader over generated samples or real JPEGs."""
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 from pathlib import Path
@@ -72,6 +73,7 @@ def _jpeg_folder(images: int, side: int) -> str:
     folder = _JPEG_DIR.get(side)
     if folder is None:
         folder = _JPEG_DIR[side] = tempfile.mkdtemp(prefix="dmt_bench_jpeg_")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)  # GiBs at 448 px
         write_sample_images(folder, num_images=min(images, 1024), size=side, num_classes=8)
     files = sorted(Path(folder).rglob("*.jpg"))
     unique = [f for f in files if not f.name.startswith("copy")]

@@ -5,12 +5,14 @@ benchmarks/dataloader.py.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import json
 import os
 import platform
 import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -110,10 +112,56 @@ def timestamp() -> str:
 def write_json(path: Path | str, payload: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per writer
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     tmp.replace(path)  # never leave a half-written result behind
     return path
+
+
+def _lock_holder(lock: Path) -> str | None:
+    """Who holds a result file's lock, or None when its process is gone (a run killed
+    with SIGKILL leaves its lock behind)."""
+    try:
+        host, pid = lock.read_text().split()
+        pid = int(pid)
+    except (OSError, ValueError):
+        return None
+    if host != socket.gethostname():
+        return f"process {pid} on {host}"  # cannot look: trust it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return f"process {pid}"
+
+
+@contextlib.contextmanager
+def exclusive_output(path: Path):
+    """One benchmark at a time per result file: a second run with the same output would
+    overwrite the first one's rows and share its .partial file."""
+    lock = path.with_name(f".{path.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None:
+                raise SystemExit(f"{path} is being written by another benchmark ({holder}): "
+                                 f"wait for it, pass another --out, or delete {lock} if that "
+                                 "process is gone") from None
+            lock.unlink(missing_ok=True)  # stale: its run died without cleaning up
+    else:
+        raise SystemExit(f"could not lock {path} (via {lock})")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 class _MallInfo2(ctypes.Structure):

@@ -72,9 +72,82 @@ class Config:
     notes: list[str] = field(default_factory=list)
 
 
+DATA_SOURCES = ("synthetic", "synthetic-loader", "jpeg")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def parse_cell(text: str) -> tuple[str, int]:
-    student, teachers = text.split(":")
+    """STUDENT:TEACHERS, e.g. S:3 -> ("vit_small_patch16_224", 3)."""
+    student, sep, teachers = text.partition(":")
+    if not sep or not student or not teachers.isdigit():
+        raise ValueError(f"{text!r} is not STUDENT:TEACHERS (e.g. S:3)")
     return ALIASES.get(student, student), int(teachers)
+
+
+def check_config(cfg: Config) -> None:
+    """Every setting of a run, before anything is measured: a typo must not surface after
+    a matrix that took twenty minutes. Raises ValueError naming the flag."""
+    from dmt.build import check_arch
+    from dmt.errors import ConfigError
+    from dmt.placement.layout import RankLayout
+
+    def positive(flag, value, least=1):
+        if value is None or value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
+
+    if cfg.micro_batch != "auto" and not (cfg.micro_batch.isdigit() and int(cfg.micro_batch) > 0):
+        raise ValueError(f"--micro-batch must be a positive integer or 'auto', got "
+                         f"{cfg.micro_batch!r}")
+    positive("--steps", cfg.steps)
+    positive("--warmup", cfg.warmup, least=0)
+    positive("--img-size", cfg.img_size)
+    if cfg.threads is not None:
+        positive("--threads", cfg.threads)
+    if not cfg.teacher_counts or min(cfg.teacher_counts) < 0:
+        raise ValueError(f"--teacher-counts must list counts >= 0, got {cfg.teacher_counts}")
+    if any(m < 1 for m in cfg.teacher_variants):
+        raise ValueError(f"--teacher-variants must list counts >= 1, got {cfg.teacher_variants}")
+    for flag, sources in (("--data", cfg.data), ("--data-probe", cfg.data_probe)):
+        unknown = [x for x in sources if x not in DATA_SOURCES]
+        if unknown:
+            raise ValueError(f"{flag}: unknown data source(s) {unknown}; choose from "
+                             f"{list(DATA_SOURCES)}")
+    if not cfg.data:
+        raise ValueError("--data must name at least one data source")
+    if not cfg.students:
+        raise ValueError("--students must name at least one student")
+    if cfg.teacher_compile not in ("auto", "on", "off", *COMPILE_MODES):
+        raise ValueError(f"--teacher-compile: {cfg.teacher_compile!r} is none of auto, on, off "
+                         f"or a torch.compile mode {list(COMPILE_MODES)}")
+    cells = [("--profile", cfg.profile)] if cfg.profile else []  # each only where it is used
+    if cfg.dedicated:
+        cells.append(("--dedicated-cell", cfg.dedicated_cell))
+    if cfg.data_probe:
+        cells.append(("--probe-cell", cfg.probe_cell))
+    archs = {"--teacher-arch": cfg.teacher_arch,
+             **{f"--students ({s})": s for s in cfg.students}}
+    for flag, cell in cells:
+        try:
+            student, m = parse_cell(cell)
+        except ValueError as err:
+            raise ValueError(f"{flag}: {err}") from None
+        if flag == "--dedicated-cell" and m < 1:
+            raise ValueError(f"--dedicated-cell {cell}: teacher ranks need at least one teacher")
+        archs.setdefault(f"{flag} ({cell})", student)
+    if cfg.dedicated:
+        t, sep, s = cfg.dedicated.partition(":")
+        if not (sep and t.isdigit() and s.isdigit() and int(t) >= 1 and int(s) >= 1):
+            raise ValueError(f"--dedicated must be TEACHER_RANKS:STUDENT_RANKS, both at least "
+                             f"1 (e.g. 1:1), or '' to skip; got {cfg.dedicated!r}")
+        try:  # the trainer's own rule
+            RankLayout(int(t) + int(s), int(t))
+        except ConfigError as err:
+            raise ValueError(f"--dedicated {cfg.dedicated}: {err}") from None
+    for flag, arch in archs.items():
+        try:
+            check_arch(ALIASES.get(arch, arch), cfg.img_size, flag, size_key="--img-size")
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
 
 
 def flops_for(cfg: Config, student_arch: str, m: int) -> dict:

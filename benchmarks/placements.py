@@ -118,7 +118,8 @@ def run_placements(cfg: Config, device, choice: dict, batch: int, peak: PeakFlop
     threads = max(1, (cfg.threads or os.cpu_count() or 1) // world) if device.type == "cpu" else 1
     rows = []
     for kind, tr in (("colocated", 0), ("dedicated", t_ranks)):
-        out_dir = tempfile.mkdtemp(prefix=f"dmt_bench_{kind}_")
+        holder = tempfile.TemporaryDirectory(prefix=f"dmt_bench_{kind}_")
+        out_dir = holder.name
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -129,7 +130,8 @@ def run_placements(cfg: Config, device, choice: dict, batch: int, peak: PeakFlop
               flush=True)
         mp.start_processes(placement_worker, args=(world, port, spec, out_dir), nprocs=world,
                            start_method="spawn", join=True)
-        ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
+        with holder:  # the ranks' reports, removed once read
+            ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
         students = [r for r in ranks if r["role"] == "student"]
         img_s = sum(r["images"] for r in students) / max(r["wall_s"] for r in students)
         result = {"images_per_s": img_s,

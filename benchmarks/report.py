@@ -1,6 +1,6 @@
 """Cost versus number of teachers, from benchmarks/throughput.py results: Markdown + PNG.
 
-    python benchmarks/report.py                                   # every throughput_*.json
+    python benchmarks/report.py                                   # every throughput_*.json(.partial)
     python benchmarks/report.py benchmarks/results/throughput_gpu_cuda.json
     python benchmarks/report.py --merge benchmarks/results/throughput_gpu_cuda.json part*.json
 
@@ -8,6 +8,8 @@ Writes benchmarks/results/cost_vs_teachers_<preset>_<device>.md and .png next to
 JSON: images/s and peak memory against the number of teachers, per student size, for the
 fast path and the reference step; the teacher-variant evidence; the placement comparison
 with when a dedicated teacher rank pays off; and, for GPU results, the issue's targets.
+A run cut short (complete: false, e.g. a .json.partial) reports to
+cost_vs_teachers_<preset>_<device>.partial.md/.png, beside the last complete report.
 """
 from __future__ import annotations
 
@@ -143,7 +145,7 @@ def placement_section(result: dict) -> list[str]:
                       "batches are fused."]
         if rows:
             mb = rows[-1].get("targets_mb_per_image")
-            per_s = max(r["images_per_s_per_rank"] for r in rows)
+            per_s = max(r["images_per_s"] / r["student_ranks"] for r in rows)  # per student rank
             lines.append(f"Transfer: {mb:.3f} MB of bf16 targets per image; a student rank "
                          f"at {per_s:.0f} img/s needs {mb * per_s:.1f} MB/s from its teacher "
                          "rank.")
@@ -231,10 +233,36 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+class NotThroughput(Exception):
+    """A JSON file that is not a benchmarks/throughput.py result (e.g. a dataloader one)."""
+
+
+def load_result(path: Path | str) -> dict:
+    """A throughput result; a missing or damaged file ends the script with one line
+    naming it."""
+    path = Path(path)
+    try:
+        result = json.loads(path.read_text())
+    except FileNotFoundError:
+        sys.exit(f"{path}: no such file")
+    except OSError as err:
+        sys.exit(f"{path}: {err.strerror or err}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        sys.exit(f"{path}: not a valid JSON file ({err}); a run cut short keeps what it "
+                 "measured in <name>.json.partial")
+    if not isinstance(result, dict) or result.get("benchmark") != "throughput":
+        kind = result.get("benchmark") if isinstance(result, dict) else None
+        raise NotThroughput(f"{path}: not a benchmarks/throughput.py result"
+                            + (f" (a {kind} result)" if kind else ""))
+    return result
+
+
 def write_report(json_path: Path) -> tuple[Path, Path]:
-    result = json.loads(Path(json_path).read_text())
+    result = load_result(json_path)
     device = result["machine"]["device_type"]
-    stem = f"cost_vs_teachers_{result['preset']}_{device}"
+    # An incomplete run reports beside the last complete one, never over it.
+    stem = (f"cost_vs_teachers_{result['preset']}_{device}"
+            + ("" if result.get("complete", True) else ".partial"))
     out_dir = Path(json_path).parent
     png, md = out_dir / f"{stem}.png", out_dir / f"{stem}.md"
     plot(result, png)
@@ -284,8 +312,9 @@ def write_report(json_path: Path) -> tuple[Path, Path]:
     return md, png
 
 
+# Settings that change every row's speed: parts measured otherwise do not mix.
 _SAME_IN_ALL_PARTS = ("img_size", "precision", "reference_precision", "teacher_arch",
-                      "zero_stage")
+                      "zero_stage", "micro_batch", "threads", "compile_student", "teacher_fp8")
 
 
 def _key(kind: str, item: dict) -> tuple:
@@ -348,20 +377,33 @@ def main(argv=None) -> list[Path]:
     if a.merge:
         if not a.results:
             sys.exit("--merge needs the part files to merge")
-        merged = merge_results([json.loads(Path(x).read_text()) for x in a.results])
+        try:
+            merged = merge_results([load_result(x) for x in a.results])
+        except NotThroughput as err:
+            sys.exit(f"cannot merge {err}")
         tmp = Path(a.merge + ".tmp")
         tmp.write_text(json.dumps(merged, indent=2) + "\n")
         tmp.replace(a.merge)  # never a half-written result
         print(f"merged {len(a.results)} result(s) into {a.merge}")
         a.results = [a.merge]
-    paths = [Path(x) for x in a.results] or sorted(RESULTS.glob("throughput_*.json"))
+    # By default every result in benchmarks/results/, and the rows of runs cut short.
+    paths = [Path(x) for x in a.results] or sorted(
+        [*RESULTS.glob("throughput_*.json"), *RESULTS.glob("throughput_*.json.partial")])
     if not paths:
-        sys.exit("no throughput results: run benchmarks/throughput.py first")
-    written = []
+        sys.exit(f"no throughput results in {RESULTS}: run benchmarks/throughput.py first")
+    written, skipped = [], []
     for path in paths:
-        md, png = write_report(path)
+        try:
+            md, png = write_report(path)
+        except NotThroughput as err:  # e.g. results/*.json, which holds dataloader results
+            skipped.append(str(err))
+            continue
         print(f"wrote {md} and {png}")
         written += [md, png]
+    for reason in skipped:
+        print(f"skipped {reason}")
+    if not written:
+        sys.exit("no throughput results among the files given")
     return written
 
 

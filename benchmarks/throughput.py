@@ -44,10 +44,11 @@ import dmt  # noqa: E402,F401  (before timm: CPU-torch torchvision fix)
 import torch  # noqa: E402
 
 from benchmarks.batches import make_batches  # noqa: E402
-from benchmarks.common import (RESULTS_DIR, command_line, machine_description,  # noqa: E402
-                               timestamp, write_json)
+from benchmarks.common import (RESULTS_DIR, command_line, exclusive_output,  # noqa: E402
+                               machine_description, timestamp, write_json)
 from benchmarks.matrix import (ALIASES, BATCH_CANDIDATES, DTYPES, PRESETS, SHORT,  # noqa: E402
-                               Config, parse_cell, result_row)
+                               Config, check_config, parse_cell,
+                               result_row)
 from benchmarks.placements import run_placements  # noqa: E402
 from benchmarks.steps import TeacherBank, build_fast, build_reference  # noqa: E402
 from benchmarks.teacher_variants import (choose_teachers, fp8_blocker,  # noqa: E402
@@ -103,20 +104,23 @@ def parse_args(argv=None) -> Config:
     a = p.parse_args(argv)
     preset = dict(PRESETS[a.preset])
 
-    def csv(text, cast=str):
-        return [cast(x) for x in text.split(",") if x.strip() != ""]
+    def csv(text, cast=str, flag=""):
+        try:
+            return [cast(x.strip()) for x in text.split(",") if x.strip() != ""]
+        except ValueError:
+            p.error(f"{flag}: expected a comma list of integers, got {text!r}")
 
     overrides = {
         "students": csv(a.students) if a.students is not None else None,
         "teacher_arch": a.teacher_arch,
-        "teacher_counts": csv(a.teacher_counts, int) if a.teacher_counts is not None else None,
+        "teacher_counts": csv(a.teacher_counts, int, "--teacher-counts") if a.teacher_counts is not None else None,
         "img_size": a.img_size, "micro_batch": a.micro_batch, "steps": a.steps,
         "warmup": a.warmup, "precision": a.precision,
         "reference_precision": a.reference_precision, "zero_stage": a.zero_stage,
         "data": csv(a.data) if a.data is not None else None,
         "data_probe": csv(a.data_probe) if a.data_probe is not None else None,
         "probe_cell": a.probe_cell,
-        "teacher_variants": csv(a.teacher_variants, int) if a.teacher_variants is not None
+        "teacher_variants": csv(a.teacher_variants, int, "--teacher-variants") if a.teacher_variants is not None
         else None,
         "variant_compile": (a.variant_compile == "on") if a.variant_compile else None,
         "dedicated": a.dedicated, "dedicated_cell": a.dedicated_cell, "threads": a.threads,
@@ -129,6 +133,10 @@ def parse_args(argv=None) -> Config:
                  teacher_compile=a.teacher_compile, teacher_fp8=a.teacher_fp8 == "on",
                  jpeg_path=a.jpeg_path, out=a.out,
                  **preset)
+    try:
+        check_config(cfg)
+    except ValueError as err:
+        p.error(str(err))
     cfg.students = [ALIASES.get(s, s) for s in cfg.students]
     cfg.teacher_arch = ALIASES.get(cfg.teacher_arch, cfg.teacher_arch)
     return cfg
@@ -208,6 +216,12 @@ def main(argv=None) -> Path:
     device = torch.device(cfg.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    out = Path(cfg.out) if cfg.out else RESULTS_DIR / f"throughput_{cfg.preset}_{device.type}.json"
+    with exclusive_output(out):
+        return measure(cfg, device, out)
+
+
+def measure(cfg: Config, device: torch.device, out: Path) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     setup_single_process(device)
@@ -226,7 +240,6 @@ def main(argv=None) -> Path:
     print(f"peak: {peak.source} = {peak.flops / 1e12 if peak.flops else float('nan'):.3f} "
           f"TFLOP/s", flush=True)
 
-    out = Path(cfg.out) if cfg.out else RESULTS_DIR / f"throughput_{cfg.preset}_{device.type}.json"
     variants, choice, rows, profile, placement_rows = [], None, [], None, []
 
     partial = out.with_name(out.name + ".partial")

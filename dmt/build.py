@@ -21,22 +21,28 @@ def check_models(cfg: dict) -> None:
         if chosen is None or entry["name"] in chosen:
             archs.setdefault(entry["arch"], f"teachers.{i}.arch")
     for arch, key in archs.items():
-        try:
-            with torch.device("meta"):
-                encoder = create_encoder(arch, img_size)
-        except ConfigError as err:
-            raise ConfigError(f"{key}: {err}") from None
-        patch = getattr(getattr(encoder, "patch_embed", None), "patch_size", None)
-        if patch is None:
-            raise ConfigError(f"{key}: timm architecture '{arch}' has no patch_embed.patch_size "
-                              "(dmt distils plain Vision Transformers' patch tokens)")
-        patch = patch[0]
-        if img_size % patch:
-            below = img_size - img_size % patch
-            raise ConfigError(f"model.img_size={img_size} is not a multiple of the patch size "
-                              f"{patch} of {arch} ({key}): the last {img_size % patch} pixel "
-                              f"rows and columns would never be seen; use {below} or "
-                              f"{below + patch}")
+        check_arch(arch, img_size, key, size_key="model.img_size")
+
+
+def check_arch(arch: str, img_size: int, key: str, size_key: str = "img_size") -> None:
+    """One architecture (named by `key` in messages), on the meta device: a timm ViT whose
+    patches tile img_size."""
+    try:
+        with torch.device("meta"):
+            encoder = create_encoder(arch, img_size)
+    except ConfigError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    patch = getattr(getattr(encoder, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        raise ConfigError(f"{key}: timm architecture '{arch}' has no patch_embed.patch_size "
+                          "(dmt distils plain Vision Transformers' patch tokens)")
+    patch = patch[0]
+    if img_size % patch:
+        below = img_size - img_size % patch
+        raise ConfigError(f"{size_key}={img_size} is not a multiple of the patch size "
+                          f"{patch} of {arch} ({key}): the last {img_size % patch} pixel "
+                          f"rows and columns would never be seen; use {below} or "
+                          f"{below + patch}")
 
 
 def build_teachers(cfg: dict, device: torch.device, warn=print,

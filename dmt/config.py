@@ -35,6 +35,7 @@ _CHOICES = {
     "teacher_runtime.dtype": ("bfloat16", "float16", "float32"),
     "teacher_runtime.placement": ("colocated", "dedicated"),
     "teacher_runtime.stack": ("auto", "always", "never"),
+    "teacher_runtime.transfer_dtype": ("bfloat16", "float16", "float32"),
     "method.name": ("dmt",),
     "method.distance": ("kl", "mse"),
     "method.direction": ("student_teacher", "teacher_student"),
@@ -176,6 +177,7 @@ def _type_ok(value: Any, expected: tuple[type, ...]) -> bool:
 _AT_LEAST = {"run.epochs": 1, "run.max_steps": 1, "run.log_every": 1, "run.checkpoint_every": 1,
              "run.keep_last": 1, "run.max_nonfinite": 1, "model.img_size": 16,
              "data.num_workers": 0, "data.sample_images": 0, "teacher_runtime.teacher_ranks": 0,
+             "teacher_runtime.prefetch": 1,
              "optim.warmup_epochs": 0, "optim.min_lr": 0, "optim.weight_decay": 0,
              "optim.clip_grad": 0}
 # Values a zero makes meaningless: a peak lr of 0 trains nothing.

@@ -59,8 +59,10 @@ def test_boundary_optimizer_values_are_accepted():
     ("data.crop_scale=[0.5, 0.2]", r"'data.crop_scale' must satisfy 0 < low <= high <= 1"),
     ("data.crop_scale=[0, 1]", r"'data.crop_scale' must satisfy"),
     ("data.color_jitter=[0.4, -0.1, 0.4]", r"'data.color_jitter' must be 3 non-negative"),
+    ("teacher_runtime.prefetch=0", "'teacher_runtime.prefetch' must be at least 1, got 0"),
+    ("teacher_runtime.transfer_dtype=int8", "teacher_runtime.transfer_dtype"),
 ])
-def test_augmentation_ranges_are_named_with_their_section(override, message):
+def test_bad_ranges_and_choices_are_named_with_their_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(REPO / "configs" / "demo.yaml", [override])
 

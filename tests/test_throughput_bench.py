@@ -208,3 +208,94 @@ def test_merge_keeps_every_cell_and_the_later_part_wins():
     other_zero["config"]["zero_stage"] = 3
     with pytest.raises(SystemExit, match="different zero_stage"):
         merge_results([a, other_zero])
+    other_threads = _part()
+    other_threads["config"]["threads"] = 2
+    with pytest.raises(SystemExit, match="different threads"):
+        merge_results([a, other_threads])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--profile", "T3"], "--profile: 'T3' is not STUDENT:TEACHERS"),
+    (["--dedicated", "1-1"], "--dedicated must be TEACHER_RANKS:STUDENT_RANKS"),
+    (["--dedicated", "2:1"], "every teacher rank must serve at least one student rank"),
+    (["--dedicated-cell", "T:0"], "teacher ranks need at least one teacher"),
+    (["--students", "X"], "--students (X): unknown timm architecture 'X'"),
+    (["--teacher-arch", "resnet50"], "not a Vision Transformer"),
+    (["--teacher-compile", "of"], "--teacher-compile: 'of' is none of"),
+    (["--micro-batch", "16x"], "--micro-batch must be a positive integer or 'auto'"),
+    (["--teacher-counts", "0,x"], "--teacher-counts: expected a comma list of integers"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--img-size", "63"], "--img-size=63 is not a multiple of the patch size 16"),
+    (["--data", "jpg"], "--data: unknown data source(s) ['jpg']"),
+])
+def test_benchmark_flags_are_refused_before_anything_is_measured(flags, message, capsys):
+    # A typo must not surface after a twenty-minute matrix: parse_args refuses it (usage
+    # error, status 2) before the first measurement.
+    sys.path.insert(0, str(REPO))
+    from benchmarks.throughput import parse_args
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--preset", "cpu", *flags])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    cfg = parse_args(["--preset", "cpu", "--dedicated", "1:2", "--img-size", "48"])
+    assert cfg.dedicated == "1:2" and cfg.img_size == 48
+
+
+def test_one_benchmark_at_a_time_per_result_file(tmp_path):
+    sys.path.insert(0, str(REPO))
+    from benchmarks.common import exclusive_output
+    out = tmp_path / "throughput_x.json"
+    lock = tmp_path / ".throughput_x.json.lock"
+    with exclusive_output(out):
+        assert lock.is_file()
+        with pytest.raises(SystemExit, match=r"being written by another benchmark \(process"):
+            with exclusive_output(out):
+                pass
+    assert not lock.exists()
+    # A run killed with SIGKILL leaves its lock: a process that is gone holds nothing.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    import socket
+    lock.write_text(f"{socket.gethostname()} {gone}\n")
+    with exclusive_output(out):
+        assert lock.read_text().split()[1] != gone
+    assert not lock.exists()
+
+
+def test_report_handles_partial_foreign_and_damaged_files(tmp_path):
+    sys.path.insert(0, str(REPO))
+    from benchmarks.report import main, placement_section
+    committed = json.loads((REPO / "benchmarks/results/throughput_cpu_cpu.json").read_text())
+    complete = tmp_path / "throughput_cpu_cpu.json"
+    complete.write_text(json.dumps(committed))
+    main([str(complete)])
+    before = (tmp_path / "cost_vs_teachers_cpu_cpu.md").read_text()
+    # A run cut short reports beside the last complete report, not over it.
+    partial = tmp_path / "throughput_cpu_cpu.json.partial"
+    partial.write_text(json.dumps({**committed, "complete": False}))
+    main([str(partial)])
+    assert (tmp_path / "cost_vs_teachers_cpu_cpu.md").read_text() == before
+    assert "**Incomplete run**" in (tmp_path / "cost_vs_teachers_cpu_cpu.partial.md").read_text()
+    assert (tmp_path / "cost_vs_teachers_cpu_cpu.partial.png").is_file()
+    # A glob over the results folder also picks up dataloader results: skipped, said so.
+    loader = tmp_path / "dataloader_torch_cpu.json"
+    loader.write_text(json.dumps({"benchmark": "dataloader", "images_per_s": 1.0}))
+    assert len(main([str(loader), str(complete)])) == 2
+    with pytest.raises(SystemExit, match="no throughput results among the files given"):
+        main([str(loader)])
+    with pytest.raises(SystemExit, match="cannot merge .*dataloader_torch_cpu.json: not a "
+                                         r"benchmarks/throughput.py result \(a dataloader"):
+        main(["--merge", str(tmp_path / "m.json"), str(complete), str(loader)])
+    # Missing and damaged files: one line naming the file.
+    with pytest.raises(SystemExit, match="nope.json: no such file"):
+        main([str(tmp_path / "nope.json")])
+    damaged = tmp_path / "throughput_cut.json"
+    damaged.write_text(json.dumps(committed)[:500])
+    with pytest.raises(SystemExit, match="throughput_cut.json: not a valid JSON file"):
+        main([str(damaged)])
+    # The transfer a dedicated layout needs is per *student* rank: the dedicated row's one
+    # student rank runs all its images (the old figure divided by every rank).
+    rows = {r["placement"]: r for r in committed["placement_rows"]}
+    fastest = max(rows["dedicated"]["images_per_s"] / rows["dedicated"]["student_ranks"],
+                  rows["colocated"]["images_per_s"] / rows["colocated"]["student_ranks"])
+    assert f"a student rank at {fastest:.0f} img/s" in "\n".join(placement_section(committed))

@@ -165,7 +165,9 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
                           f"teachers {teachers.num_tokens}: use the same patch size and img_size")
     method = build_method(cfg, student, teachers)
     placement = build_placement(runtime["placement"], runtime["teacher_ranks"], method,
-                                micro_batch=optim_cfg["micro_batch"], device=info.device)
+                                micro_batch=optim_cfg["micro_batch"], device=info.device,
+                                transfer_dtype=DTYPES[runtime["transfer_dtype"]],
+                                prefetch=runtime["prefetch"])
 
     # --- data: each student rank reads its own shard of the (seed, epoch) order
     data, data_path = cfg["data"], _prepare_data_path(cfg, run_dir, info)
