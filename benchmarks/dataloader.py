@@ -174,7 +174,8 @@ def measure(args, device: torch.device, argv=None) -> dict:
         assert batch["teacher"].shape == (batch_size, 3, args.image_size, args.image_size)
 
         result = {
-            "benchmark": "dataloader", "backend": args.backend, "device": str(device), "batch_size": batch_size,
+            "benchmark": "dataloader",
+            "backend": args.backend, "device": str(device), "batch_size": batch_size,
             "image_size": args.image_size, "num_workers": args.num_workers,
             "warmup_batches": args.warmup, "timed_batches": per_window * args.windows,
             "images_per_s": round(max(rates), 1),

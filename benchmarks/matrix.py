@@ -95,6 +95,9 @@ def check_config(cfg: Config) -> None:
         if value is None or value < least:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
 
+    if cfg.micro_batch == "auto" and not cfg.device.startswith("cuda"):
+        raise ValueError(f"--micro-batch auto needs a GPU (this run is on {cfg.device}): "
+                         "pass --micro-batch N")
     if cfg.micro_batch != "auto" and not (cfg.micro_batch.isdigit() and int(cfg.micro_batch) > 0):
         raise ValueError(f"--micro-batch must be a positive integer or 'auto', got "
                          f"{cfg.micro_batch!r}")

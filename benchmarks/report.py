@@ -1,6 +1,6 @@
 """Cost versus number of teachers, from benchmarks/throughput.py results: Markdown + PNG.
 
-    python benchmarks/report.py                                   # every throughput_*.json(.partial)
+    python benchmarks/report.py                                   # all throughput_*.json(.partial)
     python benchmarks/report.py benchmarks/results/throughput_gpu_cuda.json
     python benchmarks/report.py --merge benchmarks/results/throughput_gpu_cuda.json part*.json
 

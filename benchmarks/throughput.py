@@ -47,8 +47,7 @@ from benchmarks.batches import make_batches  # noqa: E402
 from benchmarks.common import (RESULTS_DIR, command_line, exclusive_output,  # noqa: E402
                                machine_description, timestamp, write_json)
 from benchmarks.matrix import (ALIASES, BATCH_CANDIDATES, DTYPES, PRESETS, SHORT,  # noqa: E402
-                               Config, check_config, parse_cell,
-                               result_row)
+                               Config, check_config, parse_cell, result_row)
 from benchmarks.placements import run_placements  # noqa: E402
 from benchmarks.steps import TeacherBank, build_fast, build_reference  # noqa: E402
 from benchmarks.teacher_variants import (choose_teachers, fp8_blocker,  # noqa: E402
@@ -113,15 +112,16 @@ def parse_args(argv=None) -> Config:
     overrides = {
         "students": csv(a.students) if a.students is not None else None,
         "teacher_arch": a.teacher_arch,
-        "teacher_counts": csv(a.teacher_counts, int, "--teacher-counts") if a.teacher_counts is not None else None,
+        "teacher_counts": csv(a.teacher_counts, int, "--teacher-counts")
+        if a.teacher_counts is not None else None,
         "img_size": a.img_size, "micro_batch": a.micro_batch, "steps": a.steps,
         "warmup": a.warmup, "precision": a.precision,
         "reference_precision": a.reference_precision, "zero_stage": a.zero_stage,
         "data": csv(a.data) if a.data is not None else None,
         "data_probe": csv(a.data_probe) if a.data_probe is not None else None,
         "probe_cell": a.probe_cell,
-        "teacher_variants": csv(a.teacher_variants, int, "--teacher-variants") if a.teacher_variants is not None
-        else None,
+        "teacher_variants": csv(a.teacher_variants, int, "--teacher-variants")
+        if a.teacher_variants is not None else None,
         "variant_compile": (a.variant_compile == "on") if a.variant_compile else None,
         "dedicated": a.dedicated, "dedicated_cell": a.dedicated_cell, "threads": a.threads,
         "profile": a.profile,
