@@ -32,6 +32,12 @@ def main(argv=None) -> int:
                         help="probe index shared with the DALI backend: auto (default: "
                              "<src>/.dmt_probe_cache.json, else ~/.cache/dmt/), a file, or off")
     args = parser.parse_args(argv)
+    if args.max_side is not None and args.max_side < 1:
+        parser.error(f"--max-side must be a positive number of pixels, got {args.max_side}")
+    if not 1 <= args.quality <= 100:
+        parser.error(f"--quality must be in 1..100, got {args.quality}")
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
 
     start = time.time()
     try:

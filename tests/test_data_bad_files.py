@@ -160,10 +160,28 @@ def test_dali_folder_with_nothing_decodable_is_an_error(tmp_path):
         build_loader("dali", tmp_path, 1)
 
 
-def test_torch_batch_of_only_undecodable_files_is_an_error(tmp_path):
-    (tmp_path / "a.jpg").write_bytes(b"")
+def test_torch_batch_of_only_undecodable_files_gets_a_stand_in(tmp_path, source):
+    # Micro-batch 1: every bad file is a batch without one decodable image. The next
+    # decodable file of the folder stands in (the same one every run); no good file at all
+    # is an error naming the file.
+    _, files = source
+    for name in ("a.jpg", "b.jpg", "d.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    shutil.copy(files[0], tmp_path / "c.jpg")
+    shutil.copy(files[1], tmp_path / "e.jpg")
+    loader = build_loader("torch", tmp_path, 1, image_size=32, num_workers=0, drop_last=False)
+    names = [p.name for p in loader.folder.files]
+    assert names == ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"]
+    order = [names[i] for i in loader.plan.rank_batches(0).ravel()]
+    served = [names[b["index"].item()] for b in loader]
+    # a and b: c stands in; d: e (the next decodable file in folder order).
+    assert served == [{"a.jpg": "c.jpg", "b.jpg": "c.jpg", "d.jpg": "e.jpg"}.get(n, n)
+                      for n in order]
+    assert loader.skipped == 3
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "a.jpg").write_bytes(b"")
     with pytest.raises(DataError, match="a.jpg"):
-        next(iter(build_loader("torch", tmp_path, 1, num_workers=0)))
+        next(iter(build_loader("torch", tmp_path / "only", 1, num_workers=0)))
 
 
 @pytest.mark.timeout(240, method="thread")
@@ -179,3 +197,41 @@ def test_missing_beton_and_bad_arguments_are_clear_errors(tmp_path):
         build_loader("synthetic", "not-a-number", 4)
     with pytest.raises(ConfigError, match="unknown data backend"):
         build_loader("webdataset", tmp_path, 4)
+
+
+@pytest.mark.timeout(240, method="thread")
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_16_bit_greyscale_is_scaled_not_clipped(backend, tmp_path):
+    # PIL's own convert("RGB") clips 16-bit values at 255: every such image came out white.
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    from dmt.data.images import open_rgb
+    ramp = np.linspace(0, 65535, 48 * 48).reshape(48, 48).astype(np.uint16)
+    (tmp_path / "c").mkdir()
+    Image.fromarray(ramp).save(tmp_path / "c" / "grey16.png")
+    assert Image.open(tmp_path / "c" / "grey16.png").mode.startswith("I")
+    rgb = np.asarray(open_rgb(tmp_path / "c" / "grey16.png"))
+    assert (rgb == np.round(ramp / 257).astype(np.uint8)[..., None]).all()
+    loader = build_loader(backend, tmp_path, 1, image_size=48, crop_scale=(1.0, 1.0),
+                          color_jitter=(0, 0, 0), num_workers=1 if backend != "torch" else 0,
+                          drop_last=False, mean=(0, 0, 0), std=(1, 1, 1))
+    view = next(iter(loader))["teacher"][0]
+    assert abs(view.mean().item() - ramp.mean() / 65535) < 0.01
+
+
+@pytest.mark.timeout(60)
+def test_linked_folders_are_read_once(tmp_path, caplog):
+    from dmt.data.folder import scan_image_folder
+    (tmp_path / "data" / "cls" / "sub").mkdir(parents=True)
+    for name in ("cls/a.jpg", "cls/b.jpg", "cls/sub/c.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / name)
+    (tmp_path / "data" / "cls" / "sub" / "back").symlink_to("..")  # a loop
+    (tmp_path / "data" / "cls" / "up").symlink_to(tmp_path / "data")  # a wider loop
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "elsewhere" / "d.jpg")
+    (tmp_path / "data" / "cls" / "linked").symlink_to(tmp_path / "elsewhere")  # followed
+    with caplog.at_level(logging.WARNING, logger="dmt.data"):
+        folder = scan_image_folder(tmp_path / "data")
+    names = sorted(f.name for f in folder.files)
+    assert names == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+    assert any("lead to a folder already read" in r.getMessage() for r in caplog.records)

@@ -66,6 +66,31 @@ def test_make_beton_reports_skipped_files(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert make_beton.main([str(tmp_path / "empty"), str(tmp_path / "e.beton")]) == 1
     assert str(tmp_path / "empty") in capsys.readouterr().err
+    for flags, message in ((["--max-side", "0"], "--max-side must be a positive"),
+                           (["--quality", "500"], "--quality must be in 1..100")):
+        with pytest.raises(SystemExit):  # a usage error, before any image is read
+            make_beton.main([str(folder), str(out), *flags])
+        assert message in capsys.readouterr().err
+
+
+def test_a_failed_beton_write_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch):
+    # The FFCV writer dies half-way (here: writes some bytes, exits 1).
+    import subprocess
+    from dmt.data import beton
+    from dmt.errors import DataError
+    folder = write_sample_images(tmp_path / "src", num_images=4, size=32, num_classes=1)
+    out = tmp_path / "data.beton"
+    out.write_bytes(b"the previous, complete file")
+
+    def dying_writer(cmd, input, **kwargs):
+        Path(json.loads(input)["out"]).write_bytes(b"half a beton")
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(beton.subprocess, "run", dying_writer)
+    with pytest.raises(DataError, match="was left as it was"):
+        beton.write_beton(folder, out, num_workers=1, probe_cache="off")
+    assert out.read_bytes() == b"the previous, complete file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.beton", "src"]
 
 
 def test_loader_benchmark_writes_json(tmp_path):

@@ -168,6 +168,9 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(tmp_path, images):
     result = check(run_pretrain(cfg, "--resume", "auto"))
     assert "resumed from" in result.stdout and "step00000002" in result.stdout
     assert "1 of 1 student rank(s) found no rng_rank<r>.pt" in result.stdout
+    # Another dataset (48 samples instead of 32) would change every epoch's order: refused.
+    err = _error_of(tmp_path, cfg, "--resume", "auto", "data.backend=synthetic", "data.path=48")
+    assert "written by a run that read 32 samples" in err and "this launch reads 48" in err
     assert (ckpts / "latest").read_text() == "step00000004"
     assert not half.exists()
 
@@ -444,3 +447,19 @@ def test_trainer_runs_on_the_accelerated_data_backends(tmp_path, images, backend
     rows = metrics(tmp_path / "runs" / backend)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["loss"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_skipped_files_are_all_listed(tmp_path, images):
+    # 32 photos + 7 undecodable files, micro-batch 1: every file is drawn in the epoch.
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    bad = sorted(f"bad{i}.jpg" for i in range(7))
+    for name in bad:
+        (data / "class_0" / name).write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    cfg = tiny_config(tmp_path, data, name="bad", run={"epochs": 1, "log_every": 50},
+                      optim={"global_batch": 1, "micro_batch": 1})
+    result = check(run_pretrain(cfg))
+    assert "7 newly found unreadable file(s)" in result.stdout and "and 2 more" in result.stdout
+    listed = (tmp_path / "runs" / "bad" / "skipped_files_rank0.txt").read_text().split()
+    assert sorted(p.rsplit("/", 1)[1] for p in listed) == bad

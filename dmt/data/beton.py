@@ -67,6 +67,12 @@ def write_beton(src, out, max_side=None, quality: int = 90, write_mode: str = "j
     write_mode: FFCV's "jpg" (re-encode at `quality`), "raw" (pixels) or "smart".
     probe_cache: where the probe index lives (dmt.data.probe.cache_path; "off" for none).
     """
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be a positive number of pixels, got {max_side}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
+    if num_workers is not None and num_workers < 1:
+        raise ValueError(f"num_workers must be at least 1, got {num_workers}")
     folder = scan_image_folder(src)
     workers = num_workers or os.cpu_count() or 1
     probe = probe_folder(folder, cache=probe_cache, num_threads=max(workers, 4), shard=False)
@@ -79,16 +85,24 @@ def write_beton(src, out, max_side=None, quality: int = 90, write_mode: str = "j
     out.parent.mkdir(parents=True, exist_ok=True)
     files = [str(folder.files[i]) for i in good]
     labels = [folder.labels[i] for i in good]
-    job = dict(out=str(out), files=files, labels=labels, max_side=max_side, quality=quality,
-               write_mode=write_mode, workers=workers)
+    # Written beside `out` and renamed when whole: a failed or killed writer leaves no
+    # .beton that opens but holds less than it should.
+    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    job = dict(out=str(partial), files=files, labels=labels, max_side=max_side,
+               quality=quality, write_mode=write_mode, workers=workers)
     # The child must import this very dmt, installed or not.
     package_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
-    done = subprocess.run([sys.executable, "-m", "dmt.data.beton"], input=json.dumps(job),
-                          text=True, env=env)
-    if done.returncode != 0:
-        raise DataError(f"the FFCV writer failed writing {str(out)!r} (exit code {done.returncode})")
+    try:
+        done = subprocess.run([sys.executable, "-m", "dmt.data.beton"], input=json.dumps(job),
+                              text=True, env=env)
+        if done.returncode != 0:
+            raise DataError(f"the FFCV writer failed writing {str(out)!r} (exit code "
+                            f"{done.returncode}); {str(out)!r} was left as it was")
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
     return BetonReport(path=out, written=len(good), classes=folder.classes, skipped=skipped,
                        probed=probe.probed)
 

@@ -31,10 +31,21 @@ def _is_image(name: str) -> bool:
 
 
 def _images_under(directory: Path) -> list:
-    found = []
+    """Linked folders are followed, each real folder once: a link back up the tree would
+    otherwise list its images again and again, or never end."""
+    found, seen, revisits = [], set(), []
     for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+        info = os.stat(dirpath)
+        if (info.st_dev, info.st_ino) in seen:
+            revisits.append(dirpath)
+            dirnames[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found += [Path(dirpath) / f for f in sorted(filenames) if _is_image(f)]
+    if revisits:
+        log.warning("%s: %d linked folder(s) lead to a folder already read, e.g. %s: read once",
+                    directory, len(revisits), revisits[0])
     return found
 
 

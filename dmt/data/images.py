@@ -5,6 +5,7 @@ dmt.data.probe: sharded across ranks, cached) and the .beton writer, which canno
 a file once their pipelines run.
 """
 
+import numpy as np
 from PIL import Image
 
 # What a bad file can raise inside PIL: UnidentifiedImageError and truncation are
@@ -14,9 +15,14 @@ UNDECODABLE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, Ty
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Greyscale, CMYK, palette and alpha images -> RGB (alpha is dropped, not blended)."""
+    """Greyscale, CMYK, palette and alpha images -> RGB (alpha is dropped, not blended).
+    16-bit greyscale (PNG, TIFF) is scaled to 8 bits, as DALI does; PIL's own conversion
+    clips it, which turns such an image white."""
     if image.mode == "RGB":
         return image
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        wide = np.asarray(image).astype(np.float32)  # I;16: uint16 values; I: int32 ones
+        image = Image.fromarray(np.clip(wide / 257.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if image.mode in ("P", "PA") and "transparency" in image.info:
         image = image.convert("RGBA")  # avoids PIL's palette-transparency warning
     return image.convert("RGB")

@@ -34,8 +34,8 @@ from dmt.errors import DataError
 
 
 class _Undecodable:
-    def __init__(self, path, reason):
-        self.path, self.reason = path, reason
+    def __init__(self, path, reason, epoch, index):
+        self.path, self.reason, self.epoch, self.index = path, reason, epoch, index
 
 
 class _CropDataset(Dataset):
@@ -53,7 +53,7 @@ class _CropDataset(Dataset):
         try:
             image = open_rgb(path)
         except UNDECODABLE_ERRORS as error:
-            return _Undecodable(path, f"{type(error).__name__}: {error}")
+            return _Undecodable(path, f"{type(error).__name__}: {error}", epoch, index)
         top, left, h, w = crop_boxes(self.spec, epoch, [index], [image.height], [image.width])[0]
         size = self.spec.image_size
         crop = image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
@@ -61,21 +61,34 @@ class _CropDataset(Dataset):
         return pixels, epoch, index, self.labels[index]
 
 
+# How far past a batch of only undecodable files to look for a file that decodes.
+STAND_IN_SEARCH = 64
+
+
 class _Collate:
     """Stacks a batch, fills the slots of undecodable files, and (CPU) makes the views."""
 
-    def __init__(self, spec: ViewSpec, make_views_here: bool):
-        self.spec, self.make_views_here = spec, make_views_here
+    def __init__(self, spec: ViewSpec, make_views_here: bool, dataset: _CropDataset):
+        self.spec, self.make_views_here, self.dataset = spec, make_views_here, dataset
+
+    def _stand_in(self, first: _Undecodable):
+        """For a batch without one decodable file (likely with small micro-batches): the
+        first decodable file after the batch's first, in dataset order."""
+        size = len(self.dataset)
+        for offset in range(1, min(STAND_IN_SEARCH, size - 1) + 1):
+            sample = self.dataset[(first.epoch, (first.index + offset) % size)]
+            if not isinstance(sample, _Undecodable):
+                return sample
+        raise DataError(f"every image of a batch is undecodable, and so are the files after "
+                        f"{first.path} that could stand in for them")
 
     def __call__(self, samples):
-        good = [i for i, s in enumerate(samples) if not isinstance(s, _Undecodable)]
         bad = [s for s in samples if isinstance(s, _Undecodable)]
-        if not good:
-            raise DataError("every image of a batch is undecodable: "
-                            + ", ".join(s.path for s in bad[:8]))
-        n = len(samples)
+        pool = samples if len(bad) < len(samples) else [*samples, self._stand_in(samples[0])]
+        good = [i for i, s in enumerate(pool) if not isinstance(s, _Undecodable)]
         # Deterministic stand-in: the next decodable sample of this batch (cyclic).
-        filled = [samples[min(good, key=lambda j: (j - i) % n)] for i in range(n)]
+        filled = [pool[min(good, key=lambda j: (j - i) % len(pool))]
+                  for i in range(len(samples))]
         crops = torch.stack([s[0] for s in filled])
         epoch = filled[0][1]
         index = torch.tensor([s[2] for s in filled], dtype=torch.int64)
@@ -112,9 +125,10 @@ class TorchFolderLoader(DualViewLoader):
         self.folder = folder
         on_cpu = self.device.type == "cpu"
         self._sampler = _PlanSampler()
-        self._collate = _Collate(spec, make_views_here=on_cpu)
+        dataset = _CropDataset(folder.files, folder.labels, spec)
+        self._collate = _Collate(spec, make_views_here=on_cpu, dataset=dataset)
         self._dataloader = DataLoader(
-            _CropDataset(folder.files, folder.labels, spec),
+            dataset,
             batch_sampler=self._sampler, num_workers=num_workers, collate_fn=self._collate,
             pin_memory=not on_cpu, persistent_workers=num_workers > 0,
             worker_init_fn=ignore_stop_signals,

@@ -205,6 +205,21 @@ def check_compatible(saved_cfg: dict, cfg: dict, path: Path) -> None:
                               + "\n  ".join(diffs))
 
 
+def check_same_samples(trainer_state: dict, num_samples: int, data_path, path: Path) -> None:
+    """Every epoch's sample order is a function of (seed, epoch, number of samples), and the
+    lr schedule of the steps per epoch: a resumed run must read as many samples as it wrote
+    the checkpoint with (a folder that gained or lost images, or another dataset)."""
+    saved = trainer_state.get("num_samples")  # absent in checkpoints before dmt recorded it
+    if saved is not None and saved != num_samples:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a run that read {saved} samples (data.path "
+            f"{trainer_state.get('data_path')}); this launch reads {num_samples} in {data_path}. "
+            "The order of every epoch and the lr schedule depend on that count, so the run "
+            "would not continue as it started: restore the data (a file that has become "
+            "undecodable counts too), or start a new run from this checkpoint's weights "
+            "(launch/export.py)")
+
+
 def _unreadable(path: Path, rank: int, data_rank: int) -> str | None:
     """The first of the files this rank will load that is damaged (torch.save writes zip
     archives, whose checksums testzip verifies), or None."""

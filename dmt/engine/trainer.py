@@ -188,6 +188,8 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     except DataError as err:  # name the run's data and batch, which the loader cannot know
         raise DataError(f"data.path {data_path} (backend {data['backend']}, optim.global_batch "
                         f"{optim_cfg['global_batch']}): {err}") from None
+    if resume_from is not None:
+        ckpt.check_same_samples(saved, loaders[0].num_samples, data_path, resume_from)
     steps_per_epoch = len(loaders[0]) // accum
     if steps_per_epoch == 0:
         raise ConfigError(f"one epoch gives {len(loaders[0])} micro-batches per rank, fewer than "
@@ -294,9 +296,14 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
                 state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
                 if loader.skipped > skipped_reported:
                     new_files = loader.skipped_files[skipped_reported:]
+                    listing = run_dir / f"skipped_files_rank{info.rank}.txt"
+                    with open(listing, "a") as f:  # every name, one per line
+                        f.writelines(f"{name}\n" for name in new_files)
+                    more = f" and {len(new_files) - 5} more" if len(new_files) > 5 else ""
                     log.warn(f"epoch {state['epoch'] - 1}: {len(new_files)} newly found "
                              f"unreadable file(s) skipped on rank 0 ({loader.skipped} so far): "
-                             f"{new_files[:5]}")
+                             f"{new_files[:5]}{more}; every rank lists its own in "
+                             f"{run_dir}/skipped_files_rank<r>.txt")
                     skipped_reported = loader.skipped
             done = state["global_step"] == total_steps
             saving = checkpoint_due(state["global_step"], run_cfg, total_steps)
@@ -312,7 +319,8 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
                 stopped_by = 0 if done else stop.agreed(group, info.device)  # one more scalar
                 saving = saving or bool(stopped_by)
             if saving:
-                saved_state = {**state, "student_ranks": dp_world, "config": cfg}
+                saved_state = {**state, "student_ranks": dp_world, "config": cfg,
+                               "num_samples": loaders[0].num_samples, "data_path": str(data_path)}
                 last_ckpt = ckpt.save_checkpoint(engine, run_dir / "checkpoints",
                                                  state["global_step"], saved_state, info.rank,
                                                  run_cfg["keep_last"], group=group)
