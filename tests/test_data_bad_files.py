@@ -187,6 +187,7 @@ def test_torch_batch_of_only_undecodable_files_gets_a_stand_in(tmp_path, source)
 @pytest.mark.timeout(240, method="thread")
 def test_missing_beton_and_bad_arguments_are_clear_errors(tmp_path):
     pytest.importorskip("ffcv")
+    from dmt.data.beton import write_beton
     with pytest.raises(DataError, match="does not exist") as err:
         build_loader("ffcv", tmp_path / "absent.beton", 4)
     assert str(tmp_path / "absent.beton") in str(err.value)
@@ -195,6 +196,15 @@ def test_missing_beton_and_bad_arguments_are_clear_errors(tmp_path):
         build_loader("ffcv", tmp_path / "junk.beton", 4)
     with pytest.raises(DataError, match="sample count"):
         build_loader("synthetic", "not-a-number", 4)
+    # A copy cut short still opens in FFCV, and would serve other bytes as images.
+    whole = (tmp_path / "whole.beton")
+    write_beton(write_sample_images(tmp_path / "src", num_images=6, size=32), whole,
+                num_workers=1, probe_cache="off")
+    assert build_loader("ffcv", whole, 2, num_workers=1).num_samples == 6
+    for cut in (1, 30, 100):
+        (tmp_path / "cut.beton").write_bytes(whole.read_bytes()[:-cut])
+        with pytest.raises(DataError, match="cut.beton' is incomplete"):
+            build_loader("ffcv", tmp_path / "cut.beton", 2, num_workers=1)
     with pytest.raises(ConfigError, match="unknown data backend"):
         build_loader("webdataset", tmp_path, 4)
 

@@ -1,5 +1,6 @@
 """End-to-end training runs through the real launchers and a real DeepSpeed engine (CPU, gloo)."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -460,6 +461,7 @@ def test_skipped_files_are_all_listed(tmp_path, images):
     cfg = tiny_config(tmp_path, data, name="bad", run={"epochs": 1, "log_every": 50},
                       optim={"global_batch": 1, "micro_batch": 1})
     result = check(run_pretrain(cfg))
+    assert re.search(r"data\s+torch\s.*?\(39\s+samples\)", result.stdout, re.S)  # what it reads
     assert "7 newly found unreadable file(s)" in result.stdout and "and 2 more" in result.stdout
     listed = (tmp_path / "runs" / "bad" / "skipped_files_rank0.txt").read_text().split()
     assert sorted(p.rsplit("/", 1)[1] for p in listed) == bad

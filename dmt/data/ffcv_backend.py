@@ -137,6 +137,22 @@ def _with_crop_fields(metadata: np.ndarray, column: str) -> np.ndarray:
     return out
 
 
+def _check_whole(reader: Reader, path: Path) -> None:
+    """A .beton cut short (a copy or a download that stopped) still opens: FFCV reads its
+    allocation table from where it starts to wherever the file ends, and samples whose
+    entries are gone would be decoded from the wrong bytes."""
+    table, start = reader.alloc_table, int(reader.header["alloc_table_ptr"])
+    images = reader.metadata[f"f{reader.field_names.index('image')}"]
+    size = path.stat().st_size
+    whole = ((size - start) % table.dtype.itemsize == 0 and len(table) > 0
+             and int((table["ptr"] + table["size"]).max()) <= start
+             and bool(np.isin(images["data_ptr"], table["ptr"]).all()))
+    if not whole:
+        raise DataError(f"{str(path)!r} is incomplete ({size} bytes; its allocation table "
+                        f"does not cover its {reader.num_samples} samples): copy it again, or "
+                        "write it again with launch/make_beton.py")
+
+
 class FFCVLoader(DualViewLoader):
     def __init__(self, path, batch_size, *, spec: ViewSpec, seed=0, rank=0, world_size=1,
                  device="cpu", drop_last=True, num_workers=None):
@@ -155,6 +171,7 @@ class FFCVLoader(DualViewLoader):
             raise DataError(f"{str(path)!r} has no 'image' field (fields: {reader.field_names})")
         if reader.num_samples == 0:
             raise DataError(f"{str(path)!r} holds no samples")
+        _check_whole(reader, path)
         super().__init__(ShardedEpochs(int(reader.num_samples), batch_size, seed, rank, world_size,
                                        drop_last), spec, device)
         self.path = path

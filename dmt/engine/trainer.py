@@ -234,7 +234,8 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     log.info(f"run {run_dir}: {total_steps} steps, {steps_per_epoch} per epoch, global batch "
              f"{optim_cfg['global_batch']} = {optim_cfg['micro_batch']} x {accum} accumulation x "
              f"{dp_world} student rank(s); teachers {teachers.names} ({runtime['placement']}: "
-             f"{execution}); student {cfg['model']['arch']}")
+             f"{execution}); student {cfg['model']['arch']}; data {data['backend']} "
+             f"{data_path} ({loaders[0].num_samples} samples)")
     if resume_from is not None:
         log.info(f"resumed from {resume_from} at step {state['global_step']} "
                  f"(epoch {state['epoch']}, step {state['step_in_epoch']} of the epoch)")
