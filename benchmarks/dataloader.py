@@ -127,6 +127,11 @@ def main(argv=None):
     parser.add_argument("--image-side", type=int, default=500, help="longer side of generated images")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args(argv)
+    for flag, least in (("batches", 1), ("windows", 1), ("warmup", 0), ("batch_size", 1),
+                        ("image_size", 16), ("num_images", 1)):
+        value = getattr(args, flag)
+        if value is not None and value < least:
+            parser.error(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -114,3 +114,12 @@ def test_loader_benchmark_needs_cuda_for_gpu_decoding(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--backend", "torchvision-nvjpeg", "--device", "cuda", "--out", str(tmp_path / "x.json")])
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [(["--batches", "0"], "--batches must be at least 1"),
+                                            (["--batch-size", "0"], "--batch-size must be at least 1")])
+def test_loader_benchmark_refuses_empty_measurements(flags, message, capsys):
+    bench = load_script("benchmarks/dataloader.py")
+    with pytest.raises(SystemExit):
+        bench.main(["--backend", "torch", *flags])
+    assert message in capsys.readouterr().err
