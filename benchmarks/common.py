@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -118,50 +119,26 @@ def write_json(path: Path | str, payload: dict) -> Path:
     return path
 
 
-def _lock_holder(lock: Path) -> str | None:
-    """Who holds a result file's lock, or None when its process is gone (a run killed
-    with SIGKILL leaves its lock behind)."""
-    try:
-        host, pid = lock.read_text().split()
-        pid = int(pid)
-    except (OSError, ValueError):
-        return None
-    if host != socket.gethostname():
-        return f"process {pid} on {host}"  # cannot look: trust it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return f"process {pid}"
-
-
 @contextlib.contextmanager
 def exclusive_output(path: Path):
     """One benchmark at a time per result file: a second run with the same output would
-    overwrite the first one's rows and share its .partial file."""
+    overwrite the first one's rows and share its .partial file. The kernel holds the lock
+    (flock) and drops it when the process ends, however it ends; the file stays."""
     lock = path.with_name(f".{path.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(3):
+    with open(lock, "a+") as f:
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            holder = _lock_holder(lock)
-            if holder is not None:
-                raise SystemExit(f"{path} is being written by another benchmark ({holder}): "
-                                 f"wait for it, pass another --out, or delete {lock} if that "
-                                 "process is gone") from None
-            lock.unlink(missing_ok=True)  # stale: its run died without cleaning up
-    else:
-        raise SystemExit(f"could not lock {path} (via {lock})")
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{socket.gethostname()} {os.getpid()}\n")
-    try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "just starting"
+            raise SystemExit(f"{path} is being written by another benchmark (process "
+                             f"{holder}): wait for it, or pass another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
         yield
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 class _MallInfo2(ctypes.Structure):

@@ -106,7 +106,7 @@ def check_config(cfg: Config) -> None:
     positive("--img-size", cfg.img_size)
     if cfg.threads is not None:
         positive("--threads", cfg.threads)
-    if not cfg.teacher_counts or min(cfg.teacher_counts) < 0:
+    if any(m < 0 for m in cfg.teacher_counts):  # '' is fine: a run of probes only
         raise ValueError(f"--teacher-counts must list counts >= 0, got {cfg.teacher_counts}")
     if any(m < 1 for m in cfg.teacher_variants):
         raise ValueError(f"--teacher-variants must list counts >= 1, got {cfg.teacher_variants}")

@@ -67,7 +67,8 @@ def test_make_beton_reports_skipped_files(tmp_path, capsys):
     assert make_beton.main([str(tmp_path / "empty"), str(tmp_path / "e.beton")]) == 1
     assert str(tmp_path / "empty") in capsys.readouterr().err
     for flags, message in ((["--max-side", "0"], "--max-side must be a positive"),
-                           (["--quality", "500"], "--quality must be in 1..100")):
+                           (["--quality", "500"], "--quality must be in 1..100"),
+                           (["--workers", "0"], "--workers must be at least 1")):
         with pytest.raises(SystemExit):  # a usage error, before any image is read
             make_beton.main([str(folder), str(out), *flags])
         assert message in capsys.readouterr().err

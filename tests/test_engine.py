@@ -164,8 +164,13 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(tmp_path, images):
     half = ckpts / ".tmp" / "step00000004"
     shutil.copytree(ckpts / "step00000002", half)
     (half / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
-    # A checkpoint without this rank's RNG state still resumes, and says so.
+    # A checkpoint without this rank's RNG state still resumes, and says so; one written
+    # before dmt recorded the sample count too.
     (ckpts / "step00000002" / "rng_rank0.pt").unlink()
+    state_file = ckpts / "step00000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state.pop("num_samples") == 32
+    state_file.write_text(json.dumps(state))
     result = check(run_pretrain(cfg, "--resume", "auto"))
     assert "resumed from" in result.stdout and "step00000002" in result.stdout
     assert "1 of 1 student rank(s) found no rng_rank<r>.pt" in result.stdout
@@ -463,5 +468,11 @@ def test_skipped_files_are_all_listed(tmp_path, images):
     result = check(run_pretrain(cfg))
     assert re.search(r"data\s+torch\s.*?\(39\s+samples\)", result.stdout, re.S)  # what it reads
     assert "7 newly found unreadable file(s)" in result.stdout and "and 2 more" in result.stdout
-    listed = (tmp_path / "runs" / "bad" / "skipped_files_rank0.txt").read_text().split()
+    listed = (tmp_path / "runs" / "bad" / "skipped_files.txt").read_text().split()
     assert sorted(p.rsplit("/", 1)[1] for p in listed) == bad
+    # A launch that ends before its epoch does (run.max_steps) lists what it found.
+    cfg = tiny_config(tmp_path, data, name="cut", run={"epochs": 1, "log_every": 50},
+                      optim={"global_batch": 1, "micro_batch": 1})
+    assert "newly found" not in check(run_pretrain(cfg, "run.max_steps=20")).stdout
+    listed = (tmp_path / "runs" / "cut" / "skipped_files.txt").read_text().split()
+    assert listed and {p.rsplit("/", 1)[1] for p in listed} < set(bad)

@@ -1,5 +1,6 @@
 """benchmarks/throughput.py and report.py run end to end on a tiny configuration."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -239,27 +240,26 @@ def test_benchmark_flags_are_refused_before_anything_is_measured(flags, message,
     assert message in capsys.readouterr().err
     cfg = parse_args(["--preset", "cpu", "--dedicated", "1:2", "--img-size", "48"])
     assert cfg.dedicated == "1:2" and cfg.img_size == 48
+    # The README's data-probe part: no matrix cells, probes only.
+    cfg = parse_args(["--preset", "cpu", "--teacher-counts", "", "--teacher-variants", "",
+                      "--profile", "", "--teacher-compile", "off"])
+    assert cfg.teacher_counts == [] and cfg.data_probe
 
 
 def test_one_benchmark_at_a_time_per_result_file(tmp_path):
     sys.path.insert(0, str(REPO))
     from benchmarks.common import exclusive_output
     out = tmp_path / "throughput_x.json"
-    lock = tmp_path / ".throughput_x.json.lock"
     with exclusive_output(out):
-        assert lock.is_file()
-        with pytest.raises(SystemExit, match=r"being written by another benchmark \(process"):
+        with pytest.raises(SystemExit, match=r"being written by another benchmark \(process "
+                                             rf"{os.getpid()}"):
             with exclusive_output(out):
                 pass
-    assert not lock.exists()
-    # A run killed with SIGKILL leaves its lock: a process that is gone holds nothing.
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
-    import socket
-    lock.write_text(f"{socket.gethostname()} {gone}\n")
+    # The lock file stays, held by nobody: the next run goes ahead (a run killed with
+    # SIGKILL leaves it the same way; the kernel drops its lock).
+    assert (tmp_path / ".throughput_x.json.lock").is_file()
     with exclusive_output(out):
-        assert lock.read_text().split()[1] != gone
-    assert not lock.exists()
+        pass
 
 
 def test_report_handles_partial_foreign_and_damaged_files(tmp_path):

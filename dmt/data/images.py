@@ -20,9 +20,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     clips it, which turns such an image white."""
     if image.mode == "RGB":
         return image
-    if image.mode == "I" or image.mode.startswith("I;16"):
-        wide = np.asarray(image).astype(np.float32)  # I;16: uint16 values; I: int32 ones
-        image = Image.fromarray(np.clip(wide / 257.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode.startswith("I;16"):  # not "I": 32-bit integers say nothing of their range
+        wide = np.asarray(image).astype(np.float32)
+        image = Image.fromarray((wide / 257.0 + 0.5).astype(np.uint8), "L")
     if image.mode in ("P", "PA") and "transparency" in image.info:
         image = image.convert("RGBA")  # avoids PIL's palette-transparency warning
     return image.convert("RGB")

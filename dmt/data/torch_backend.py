@@ -6,8 +6,9 @@ jitter and normalisation run in the workers for a CPU device, and batched on the
 GPU for a CUDA device (the workers then ship 4x smaller uint8 crops).
 
 An undecodable file is a counted skip: its slot in the batch is filled with the
-next decodable sample of the same batch (so the batch size stays constant and the
-choice is deterministic), and the loader warns once naming the file.
+next decodable sample of the same batch, or in a batch without one, with the next
+decodable file of the folder (so the batch size stays constant and the choice is
+deterministic), and the loader warns once naming the file.
 
 The workers ignore stop signals (dmt.engine.stop.ignore_stop_signals), so a scheduler's
 SIGTERM to the whole job leaves them serving until the trainer's checkpoint. The same

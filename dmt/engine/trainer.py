@@ -297,14 +297,11 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
                 state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
                 if loader.skipped > skipped_reported:
                     new_files = loader.skipped_files[skipped_reported:]
-                    listing = run_dir / f"skipped_files_rank{info.rank}.txt"
-                    with open(listing, "a") as f:  # every name, one per line
-                        f.writelines(f"{name}\n" for name in new_files)
                     more = f" and {len(new_files) - 5} more" if len(new_files) > 5 else ""
                     log.warn(f"epoch {state['epoch'] - 1}: {len(new_files)} newly found "
                              f"unreadable file(s) skipped on rank 0 ({loader.skipped} so far): "
-                             f"{new_files[:5]}{more}; every rank lists its own in "
-                             f"{run_dir}/skipped_files_rank<r>.txt")
+                             f"{new_files[:5]}{more}; every rank's are listed in "
+                             f"{run_dir / SKIPPED_LIST} at each checkpoint and at the end")
                     skipped_reported = loader.skipped
             done = state["global_step"] == total_steps
             saving = checkpoint_due(state["global_step"], run_cfg, total_steps)
@@ -320,6 +317,7 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
                 stopped_by = 0 if done else stop.agreed(group, info.device)  # one more scalar
                 saving = saving or bool(stopped_by)
             if saving:
+                _record_skipped(loader, run_dir, info, group, log)
                 saved_state = {**state, "student_ranks": dp_world, "config": cfg,
                                "num_samples": loaders[0].num_samples, "data_path": str(data_path)}
                 last_ckpt = ckpt.save_checkpoint(engine, run_dir / "checkpoints",
@@ -333,10 +331,7 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
                  f" of {total_steps}; checkpoint {last_ckpt}: --resume auto continues the run")
     placement.close()
 
-    # Backends that probe up front see every bad file on every rank: count each file once.
-    per_rank = [None] * dist.get_world_size(group)
-    dist.all_gather_object(per_rank, list(loader.skipped_files), group=group)
-    skipped = len(set().union(*per_rank))
+    skipped = _record_skipped(loader, run_dir, info, group, log)
     exported, export_file = None, run_dir / f"student_{cfg['model']['arch']}.pth"
     if run_cfg["export"] and last_ckpt is not None and info.is_main and not stopped_by:
         trained = state["global_step"] > start_step or not export_file.exists()
@@ -360,6 +355,27 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     log.close()
     return {"run_dir": run_dir, "role": "student", "last_checkpoint": last_ckpt,
             "exported": exported, "stopped_by": stopped_by, **state}
+
+
+SKIPPED_LIST = "skipped_files.txt"
+
+
+def _record_skipped(loader, run_dir: Path, info: DistInfo, group, log: RunLogger) -> int:
+    """Gathers every student rank's skipped files (a collective) and adds them to the run's
+    list; returns how many this launch found. Backends that probe up front see every bad
+    file on every rank: each file counts once."""
+    per_rank = [None] * dist.get_world_size(group)
+    dist.all_gather_object(per_rank, list(loader.skipped_files), group=group)
+    found = set().union(*per_rank)
+    listing = run_dir / SKIPPED_LIST
+    if info.is_main and found:
+        try:  # the list of earlier launches of the run, and this one's
+            known = set(listing.read_text().splitlines()) if listing.exists() else set()
+            if not found <= known:
+                ckpt.write_atomic(listing, "".join(f"{p}\n" for p in sorted(known | found)).encode())
+        except OSError as err:  # a list is not worth stopping the run for
+            log.warn(f"could not write the list of skipped files {listing}: {err}")
+    return len(found)
 
 
 def _judge_step(step: int, verdict: float, state: dict, run_cfg: dict, log: RunLogger,
