@@ -238,21 +238,18 @@ def _unreadable(path: Path, rank: int, data_rank: int) -> str | None:
     return None
 
 
-def _any_rank(failed: bool, device, group) -> bool:
-    """Whether any rank of the group failed: every rank leaves together, with a message,
-    instead of the others waiting in the next collective until a timeout."""
-    flag = torch.tensor([float(failed)], device=device)
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return bool(flag.item())
-
-
 def _ranks_agreeing(this_rank: bool, device, group) -> int:
     """How many ranks of the group say yes."""
     count = torch.tensor([float(this_rank)], device=device)
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
     return int(count.item())
+
+
+def _any_rank(failed: bool, device, group) -> bool:
+    """Whether any rank of the group failed: every rank leaves together, with a message,
+    instead of the others waiting in the next collective until a timeout."""
+    return _ranks_agreeing(failed, device, group) > 0
 
 
 def load_checkpoint(engine, path: Path, rank: int, group=None) -> int:
