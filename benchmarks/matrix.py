@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dmt.config import COMPILE_MODES
 from dmt.flops import PeakFlops, dmt_step_flops, vit_shape
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,7 +74,6 @@ class Config:
 
 
 DATA_SOURCES = ("synthetic", "synthetic-loader", "jpeg")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def parse_cell(text: str) -> tuple[str, int]:

@@ -74,7 +74,8 @@ def placement_worker(rank: int, world: int, port: int, spec: dict, out_dir: str)
     n_students = placement.data_world_size
     engine, *_ = deepspeed.initialize(
         model=student, optimizer=optimizer, mpu=placement.mpu,
-        config={**ds_config(batch * n_students, cfg.precision, cfg.zero_stage, cuda),
+        config={**ds_config(batch * n_students, cfg.precision, cfg.zero_stage,
+                             overlap_comm=cuda and n_students > 1),
                 "train_micro_batch_size_per_gpu": batch})
     method.student = engine
     group = placement.mpu.get_data_parallel_group() if placement.mpu else None

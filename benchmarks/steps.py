@@ -50,13 +50,15 @@ class TeacherBank:
         return out
 
 
-def ds_config(batch: int, precision: str, zero_stage: int, cuda: bool) -> dict:
+def ds_config(batch: int, precision: str, zero_stage: int, overlap_comm: bool) -> dict:
+    """overlap_comm: only with several data-parallel GPU ranks (as the trainer): ZeRO-1/2
+    synchronise the GPU after every backward when it is on."""
     return {
         "train_batch_size": batch, "train_micro_batch_size_per_gpu": batch,
         "gradient_accumulation_steps": 1,
         # Buckets sized to small students: DeepSpeed's default (5e8 elements, two bf16
         # buffers with overlap_comm) would add 2 GB to every step's peak memory.
-        "zero_optimization": {"stage": zero_stage, "overlap_comm": cuda,
+        "zero_optimization": {"stage": zero_stage, "overlap_comm": overlap_comm,
                               "reduce_bucket_size": int(5e7), "allgather_bucket_size": int(5e7)},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 12},
@@ -95,7 +97,7 @@ def build_fast(cfg: Config, bank: TeacherBank, student_arch: str, m: int, batch:
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer,
                                       config=ds_config(batch, cfg.precision, cfg.zero_stage,
-                                                        device.type == "cuda"))
+                                                        overlap_comm=False))  # one rank
     guard = StepGuard.for_engine(engine, optimizer, device)
     skip_lone_allreduce(engine)  # as the trainer does
     if cfg.compile_student:

@@ -30,6 +30,9 @@ _DECLARED_TYPES: dict[str, tuple[type, ...]] = {
 TEACHER_DEFAULTS = {"name": None, "kind": None, "checkpoint": None,
                     "arch": "vit_base_patch16_224", "weight": 1.0}
 TEACHER_KINDS = ("mae", "mocov3", "ibot", "dino", "timm", "random")
+# torch.compile's modes (torch._inductor.list_mode_options(), "lite" aside), named here so
+# a typo is caught with the rest of the config, not after the teachers are built.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _CHOICES = {
     "model.adapter": ("linear", "identity", "mlp"),
     "teacher_runtime.dtype": ("bfloat16", "float16", "float32"),
@@ -235,6 +238,9 @@ def validate_types(cfg: dict) -> None:
         raise ConfigError(f"method.losses must be a non-empty subset of [tfd, sfd], "
                           f"got {cfg['method']['losses']}")
     runtime = cfg["teacher_runtime"]
+    if isinstance(runtime["compile"], str) and runtime["compile"] not in COMPILE_MODES:
+        raise ConfigError(f"config key 'teacher_runtime.compile' must be true, false or a "
+                          f"torch.compile mode {COMPILE_MODES}, got {runtime['compile']!r}")
     if runtime["fp8"] and (runtime["dtype"] != "bfloat16" or runtime["stack"] in ("always", True)):
         raise ConfigError("teacher_runtime.fp8=true needs teacher_runtime.dtype=bfloat16 and "
                           f"stack auto or never, got dtype={runtime['dtype']}, "

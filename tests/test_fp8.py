@@ -17,11 +17,19 @@ from dmt.models.fast import optimize_teachers
 from dmt.models.fp8 import Float8Linear, convert_to_fp8, fp8_unsupported, probe_in_child
 from engine_utils import REPO, check, metrics, run_pretrain, tiny_config
 
-UNSUPPORTED = fp8_unsupported(torch.device("cpu"))
-pytestmark = pytest.mark.skipif(UNSUPPORTED is not None,
-                                reason=f"no FP8 matmul on this CPU build: {UNSUPPORTED}")
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available()
-                     and fp8_unsupported(torch.device("cuda")) is None else [])
+# Each device is probed on its own: a torch build whose CPU kernel lacks rowwise scales
+# must still run the CUDA tests on a GPU machine, not skip the whole module.
+CPU_UNSUPPORTED = fp8_unsupported(torch.device("cpu"))
+CUDA_UNSUPPORTED = (fp8_unsupported(torch.device("cuda")) if torch.cuda.is_available()
+                    else "no CUDA device")
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(
+               CPU_UNSUPPORTED is not None,
+               reason=f"no FP8 matmul on this CPU build: {CPU_UNSUPPORTED}")),
+           pytest.param("cuda", marks=pytest.mark.skipif(
+               CUDA_UNSUPPORTED is not None, reason=f"no FP8 matmul on CUDA: {CUDA_UNSUPPORTED}"))]
+# The tests below that convert or run teachers on the CPU need its kernel.
+needs_cpu_fp8 = pytest.mark.skipif(CPU_UNSUPPORTED is not None,
+                                   reason=f"no FP8 matmul on this CPU build: {CPU_UNSUPPORTED}")
 
 
 def _linear(k=64, n=48, seed=0):
@@ -121,6 +129,7 @@ def test_fp8_targets_move_the_loss_less_than_batch_noise(device):
     assert max(kls) < 0.01, kls  # nats per token, against TFD losses of ~1-3 nats
 
 
+@needs_cpu_fp8
 def test_fp8_teachers_hold_one_byte_per_block_weight():
     # The bf16 Linear weights must be gone once converted, not kept beside the e4m3 copy.
     encoder = _teachers(n=1, depth=2)[0]
@@ -134,6 +143,7 @@ def test_fp8_teachers_hold_one_byte_per_block_weight():
     assert held == block_weights  # 1 byte each
 
 
+@needs_cpu_fp8
 def test_fp8_refuses_encoders_whose_attention_reads_qkv_weight():
     beit = create_encoder("beit_base_patch16_224", 32, depth=1)
     ensemble = TeacherEnsemble([FrozenTeacher(beit, "beit", torch.float32)])
@@ -165,6 +175,7 @@ def test_convert_skips_misaligned_linears():
     assert convert_to_fp8(wide) == 4 and isinstance(wide.blocks[0].mlp.fc2, Float8Linear)
 
 
+@needs_cpu_fp8
 def test_the_probe_runs_in_a_fresh_interpreter_and_reports_its_failure(monkeypatch):
     # A GPU probe runs in a child process (a kernel fault would poison this one's CUDA
     # context). On the CPU the child must import this dmt and pass like the in-process try;
@@ -180,6 +191,7 @@ def test_the_probe_runs_in_a_fresh_interpreter_and_reports_its_failure(monkeypat
     assert reason.startswith(failed.format("cpu") + "exit status -11"), reason
 
 
+@needs_cpu_fp8
 @pytest.mark.slow
 def test_trainer_runs_with_fp8_teachers(tmp_path):
     from dmt.data import write_sample_images
@@ -193,6 +205,7 @@ def test_trainer_runs_with_fp8_teachers(tmp_path):
     assert "'fp8': True" in result.stdout + result.stderr
 
 
+@needs_cpu_fp8
 def test_check_fp8_tool_reports_target_error_on_the_configured_data(tmp_path, capsys):
     import json
     import sys

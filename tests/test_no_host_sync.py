@@ -242,7 +242,8 @@ def _engine_sync_worker(rank, port, out_dir):
 
 def test_deepspeed_engine_steps_do_not_synchronise(tmp_path):
     """DeepSpeed's throughput timer (on by default) synchronises the device twice per
-    micro-batch; the trainer's DeepSpeed config turns it off."""
+    micro-batch, and ZeRO-1/2 with overlap_comm once per backward; the trainer's DeepSpeed
+    config turns both off (overlap_comm where one rank has nothing to reduce)."""
     import json
 
     import torch.multiprocessing as mp

@@ -119,6 +119,42 @@ def test_deepspeed_config_takes_batch_arithmetic_and_clipping_from_the_yaml(tmp_
             deepspeed_config(cfg, accum=2)
 
 
+def test_deepspeed_config_refuses_what_contradicts_the_yaml(tmp_path, monkeypatch):
+    from dmt.engine.trainer import deepspeed_config
+
+    cfg = load_config(REPO / "configs" / "dmt_vit_small.yaml")  # 4096 = 256 x 2 x 8 ranks
+    own = tmp_path / "own.json"
+    cfg["deepspeed"]["config"] = str(own)
+    for key, value, source in [("gradient_clipping", 1.0, r"optim.clip_grad \(0.0\)"),
+                               ("train_batch_size", 1024, r"optim.global_batch \(4096\)"),
+                               ("train_micro_batch_size_per_gpu", 64, r"optim.micro_batch \(256\)"),
+                               ("gradient_accumulation_steps", 4, r"the batch arithmetic \(2\)")]:
+        own.write_text(f'{{"{key}": {value}}}')
+        with pytest.raises(ConfigError, match=rf"own.json: {key}={value} disagrees with {source}"):
+            deepspeed_config(cfg, accum=2)
+    own.write_text('{"train_batch_size": 4096, "gradient_clipping": 0.0}')  # agreeing: kept
+    assert deepspeed_config(cfg, accum=2)["train_batch_size"] == 4096
+    cfg["deepspeed"]["config"] = "ds_configs/zero2_fp16.json"
+    with pytest.raises(ConfigError, match="zero2_fp16.json: fp16 training needs a GPU"):
+        deepspeed_config(cfg, accum=2)
+
+
+@pytest.mark.parametrize("global_batch, accum, cuda, overlap", [
+    (4096, 2, True, True),     # 8 GPU ranks: reductions to overlap with the backward
+    (512, 2, True, False),     # one GPU rank: nothing to reduce, only a sync per backward
+    (4096, 2, False, False),   # CPU: no stream to overlap with
+])
+def test_overlap_comm_only_with_several_gpu_ranks(global_batch, accum, cuda, overlap,
+                                                  monkeypatch):
+    from dmt.engine import trainer
+
+    monkeypatch.setattr(trainer.torch.cuda, "is_available", lambda: cuda)
+    cfg = load_config(REPO / "configs" / "dmt_vit_small.yaml",
+                      [f"optim.global_batch={global_batch}"])  # micro-batch 256
+    ds = trainer.deepspeed_config(cfg, accum=accum)
+    assert ds["zero_optimization"]["overlap_comm"] is overlap
+
+
 @pytest.mark.parametrize("override, message", [
     ("run.seed={a: 1}", "'run.seed' must be a single value"),
     ("optim=5", "section 'optim' must be a mapping"),
@@ -126,6 +162,8 @@ def test_deepspeed_config_takes_batch_arithmetic_and_clipping_from_the_yaml(tmp_
     ("run.max_nonfinite=0", "'run.max_nonfinite' must be at least 1"),
     ("teachers.0.weight=abc", r"teachers\[0\].weight must be float or int"),
     ("teachers.0.checkpoint=5", r"teachers\[0\].checkpoint must be str"),
+    ("teacher_runtime.compile=reduce_overhead",
+     r"'teacher_runtime.compile' must be true, false or a torch.compile mode .*'reduce-overhead'"),
 ])
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -66,16 +66,31 @@ def deepspeed_config(cfg: dict, accum: int, path: str | None = None) -> dict:
         if present:
             raise ConfigError(f"{file}: dmt does not support {key}: it would bypass the "
                               "skipping of non-finite steps (dmt/engine/step_guard.py)")
-    ds["train_batch_size"] = cfg["optim"]["global_batch"]
-    ds["train_micro_batch_size_per_gpu"] = cfg["optim"]["micro_batch"]
-    ds["gradient_accumulation_steps"] = accum
-    ds["gradient_clipping"] = float(cfg["optim"]["clip_grad"] or 0.0)
+    cuda = torch.cuda.is_available()
+    if ds.get("fp16", {}).get("enabled") and not cuda:
+        raise ConfigError(f"{file}: fp16 training needs a GPU (DeepSpeed has no fp16 on CPU); "
+                          "use ds_configs/cpu_fp32.json or a bf16/fp32 config")
+    # The YAML owns the batch arithmetic and clipping: a file that says otherwise is refused
+    # rather than silently overwritten.
+    owned = {"train_batch_size": (cfg["optim"]["global_batch"], "optim.global_batch"),
+             "train_micro_batch_size_per_gpu": (cfg["optim"]["micro_batch"], "optim.micro_batch"),
+             "gradient_accumulation_steps": (accum, "the batch arithmetic"),
+             "gradient_clipping": (float(cfg["optim"]["clip_grad"] or 0.0), "optim.clip_grad")}
+    for key, (value, source) in owned.items():
+        if key in ds and ds[key] != value:
+            raise ConfigError(f"{file}: {key}={ds[key]} disagrees with {source} ({value}); "
+                              f"dmt sets it from the experiment YAML: remove it from the file")
+        ds[key] = value
     ds.setdefault("zero_allow_untested_optimizer", True)
     # DeepSpeed's throughput timer synchronises the GPU twice per micro-batch by default;
     # dmt measures images/s per log window itself.
     ds.setdefault("timers", {"throughput": {"enabled": False}})
-    if not torch.cuda.is_available():  # no CUDA streams to overlap with on CPU
-        ds.get("zero_optimization", {})["overlap_comm"] = False
+    # overlap_comm reduces gradients on a side stream, and ZeRO-1/2 then synchronise the GPU
+    # after every backward. It pays only with several data-parallel ranks on GPUs: with one
+    # there is nothing to reduce, and on CPU no stream to overlap with.
+    data_ranks = cfg["optim"]["global_batch"] // (cfg["optim"]["micro_batch"] * accum)
+    if "zero_optimization" in ds and (not cuda or data_ranks == 1):
+        ds["zero_optimization"]["overlap_comm"] = False
     return ds
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmt.config import COMPILE_MODES
 from dmt.errors import ConfigError
 from dmt.models.fp8 import convert_to_fp8, fp8_blocker, fp8_unsupported
 from dmt.models.teachers import FrozenTeacher, TeacherEnsemble
@@ -353,9 +354,10 @@ def _compile_mode(compile) -> str | None:
         return "default"
     if compile in (False, None, "", "none"):
         return None
-    if isinstance(compile, str):
+    if compile in COMPILE_MODES:
         return compile
-    raise ConfigError(f"compile must be a bool or a torch.compile mode name, got {compile!r}")
+    raise ConfigError(f"compile must be a bool or a torch.compile mode {COMPILE_MODES}, "
+                      f"got {compile!r}")
 
 
 def optimize_teachers(ensemble: TeacherEnsemble, dtype: torch.dtype = torch.bfloat16,
