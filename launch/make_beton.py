@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Convert an image folder (class subfolders or flat) into an FFCV .beton.
 
     python launch/make_beton.py /data/imagenet/train /data/imagenet_train.beton --max-side 512
