@@ -8,12 +8,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
-import fcntl
 import json
 import os
 import platform
 import shlex
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from dmt.engine.runlock import ExclusiveLock, LockBusy
 from dmt.flops import cpu_model_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -122,23 +121,13 @@ def write_json(path: Path | str, payload: dict) -> Path:
 @contextlib.contextmanager
 def exclusive_output(path: Path):
     """One benchmark at a time per result file: a second run with the same output would
-    overwrite the first one's rows and share its .partial file. The kernel holds the lock
-    (flock) and drops it when the process ends, however it ends; the file stays."""
-    lock = path.with_name(f".{path.name}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "just starting"
-            raise SystemExit(f"{path} is being written by another benchmark (process "
-                             f"{holder}): wait for it, or pass another --out") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        yield
+    overwrite the first one's rows and share its .partial file."""
+    try:
+        with ExclusiveLock(path.with_name(f".{path.name}.lock")):
+            yield
+    except LockBusy as busy:
+        raise SystemExit(f"{path} is being written by another benchmark ({busy}): wait for "
+                         "it, or pass another --out") from None
 
 
 class _MallInfo2(ctypes.Structure):

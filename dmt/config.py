@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -47,12 +48,12 @@ _CHOICES = {
 }
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, dotted + "."))
+            flat.update(flatten(value, dotted + "."))
         else:
             flat[dotted] = value
     return flat
@@ -66,7 +67,7 @@ def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
 
 def _merge(base: dict, update: dict, where: str, prefix: str = "") -> None:
     """Merges `update` into `base` in place; keys must already exist in `base`."""
-    known = list(_flatten(base)) + [k for k, v in base.items()]
+    known = list(flatten(base)) + [k for k, v in base.items()]
     for key, value in update.items():
         dotted = f"{prefix}{key}"
         if key not in base:
@@ -91,7 +92,7 @@ def _set_dotted(cfg: dict, dotted: str, value: Any) -> None:
         elif not isinstance(node, dict) or part not in node:
             parent = ".".join(parts[:i])
             keys = [f"{parent}.{k}" if parent else k for k in (node if isinstance(node, dict) else [])]
-            raise _unknown_key(dotted, keys + list(_flatten(cfg)), "command-line overrides")
+            raise _unknown_key(dotted, keys + list(flatten(cfg)), "command-line overrides")
         if last:
             node[part] = value
         else:
@@ -107,16 +108,56 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                               list("-+0123456789."))
 
 
-def _load_yaml(stream):
-    return yaml.load(stream, Loader=_Loader)
+def _load_yaml(stream, source: str = "config", prefix: str = ""):
+    """yaml.load with _Loader, refusing duplicate keys (PyYAML keeps the last one silently).
+    source and prefix (the dotted key above the document) name a duplicate in the error."""
+    loader = _Loader(stream)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, source, prefix)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(node: yaml.Node, source: str, path: str = "",
+                           seen: set[int] | None = None) -> None:
+    """One ConfigError for the first key that a mapping, at any depth, holds twice."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias of a node already walked (or a recursive one)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, source, f"{path}{i}.", seen)
+    elif isinstance(node, yaml.MappingNode):
+        first: dict[str, yaml.Mark] = {}
+        for key_node, value_node in node.value:
+            # `<<: *anchor` merges keys that the mapping's own keys may override, as YAML means
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key, mark = key_node.value, key_node.start_mark
+                if key in first:
+                    was = first[key]
+                    where = (f"lines {was.line + 1} and {mark.line + 1}" if was.line != mark.line
+                             else f"line {mark.line + 1}, columns {was.column + 1} and "
+                                  f"{mark.column + 1}")
+                    raise ConfigError(f"{source}: duplicate key '{path}{key}' ({where}); YAML "
+                                      "would keep only the last one: merge them into one")
+                first[key] = mark
+                _refuse_duplicate_keys(value_node, source, f"{path}{key}.", seen)
+            else:
+                _refuse_duplicate_keys(value_node, source, path, seen)
 
 
 def parse_override(arg: str) -> tuple[str, Any]:
+    """One `key.sub=value`. The same key given twice: the later override wins, as usual."""
     if "=" not in arg:
         raise ConfigError(f"override '{arg}' must look like key.sub=value")
     key, raw = arg.split("=", 1)
     try:
-        value = _load_yaml(raw) if raw != "" else None
+        value = _load_yaml(raw, f"override '{arg}'", key.strip() + ".") if raw != "" else None
     except yaml.YAMLError as err:
         raise ConfigError(f"override '{arg}': cannot parse value: {err}") from err
     return key.strip(), value
@@ -125,14 +166,14 @@ def parse_override(arg: str) -> tuple[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
     """Defaults, then the experiment file, then `key=value` overrides; then validation."""
     with open(DEFAULT_CONFIG) as f:
-        cfg = _load_yaml(f)
+        cfg = _load_yaml(f, str(DEFAULT_CONFIG))
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         with open(path) as f:
             try:
-                experiment = _load_yaml(f) or {}
+                experiment = _load_yaml(f, str(path)) or {}
             except yaml.YAMLError as err:
                 raise ConfigError(f"{path} is not valid YAML: {err}") from err
         if not isinstance(experiment, dict):
@@ -201,8 +242,8 @@ def _expected_type(key: str, default: Any) -> tuple[type, ...] | None:
 
 def validate_types(cfg: dict) -> None:
     with open(DEFAULT_CONFIG) as f:
-        defaults = _flatten(_load_yaml(f))
-    flat = _flatten(cfg)
+        defaults = flatten(_load_yaml(f, str(DEFAULT_CONFIG)))
+    flat = flatten(cfg)
     for key in flat:
         if key not in defaults and key != "teachers":
             leaf = next((d for d in defaults if key.startswith(d + ".")), None)
@@ -252,6 +293,24 @@ def validate_types(cfg: dict) -> None:
                 raise ConfigError(f"teachers[{i}].{field} must be "
                                   f"{' or '.join(x.__name__ for x in types if x is not type(None))}"
                                   f", got {t[field]!r}")
+    _check_teacher_weights(cfg)
+
+
+def _check_teacher_weights(cfg: dict) -> None:
+    """A weight is a non-negative finite number, whatever the fusion (a negative or infinite
+    one is never meant); with fusion `weighted`, the only one that reads them, the teachers
+    the run uses may not all weigh 0: the fused target would be all zeros."""
+    for i, t in enumerate(cfg["teachers"]):
+        if not math.isfinite(t["weight"]) or t["weight"] < 0:
+            raise ConfigError(f"teachers[{i}].weight must be a finite number >= 0, "
+                              f"got {t['weight']!r}")
+    chosen = cfg["method"]["teachers"]
+    used = [t for t in cfg["teachers"] if chosen is None or t["name"] in chosen]
+    if cfg["method"]["fusion"] == "weighted" and used and not any(t["weight"] for t in used):
+        names = ", ".join(f"'{t['name']}'" for t in used)
+        raise ConfigError(f"method.fusion=weighted with every teacher the run uses ({names}) "
+                          "at weight 0: the fused target would be all zeros; give at least "
+                          "one teachers[i].weight > 0")
 
 
 def _check_run_name(name: str) -> None:

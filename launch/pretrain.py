@@ -10,6 +10,7 @@ r"""DMT pretraining.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import signal
 import sys
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dmt  # noqa: E402  (before timm: see dmt/__init__.py)
 from dmt.config import batch_arithmetic, check_files, load_config, student_ranks  # noqa: E402
-from dmt.errors import DMTError  # noqa: E402
+from dmt.errors import ConfigError, DMTError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,11 +39,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
+def check_resume(resume: str | None) -> None:
+    """--resume is 'auto' or a path that exists (which kind of directory, the trainer checks):
+    a typo is named at once, before the config is read or anything is built."""
+    if not resume or resume == "auto" or Path(resume).exists():
+        return
+    close = difflib.get_close_matches(resume.lower(), ["auto"], n=1)
+    hint = ("; did you mean 'auto'?" if close else
+            " (it takes 'auto', a run directory or a checkpoint directory)")
+    raise ConfigError(f"--resume {resume}: no such run or checkpoint directory{hint}")
+
+
+def _where_to_resume(cfg: dict | None) -> str:
+    if cfg is None:
+        return "nothing was written"
+    from dmt.engine.checkpoint import complete_checkpoints
+    run_dir = Path(cfg["run"]["output_dir"]) / cfg["run"]["name"]
+    done = complete_checkpoints(run_dir)
+    if not done:
+        return f"no checkpoint of {run_dir} was written yet"
+    return f"--resume auto continues from the last checkpoint ({done[-1]})"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rank, started = int(os.environ.get("RANK", 0)), False
+    rank, started, cfg = int(os.environ.get("RANK", 0)), False, None
     try:
         # Everything that can be checked is checked before any process group or model exists.
+        check_resume(args.resume)
         cfg = load_config(args.config, args.overrides)
         if args.deepspeed_config:
             cfg["deepspeed"]["config"] = args.deepspeed_config
@@ -63,8 +87,7 @@ def main(argv=None) -> int:
         teardown()
     except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint since the last one
         if rank == 0:
-            print("dmt: interrupted; --resume auto continues from the last checkpoint",
-                  file=sys.stderr)
+            print(f"dmt: interrupted; {_where_to_resume(cfg)}", file=sys.stderr)
         return 128 + signal.SIGINT
     except DMTError as err:
         # Checks before start-up fail alike on every rank: say it once. Later errors may

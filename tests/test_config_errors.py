@@ -32,6 +32,43 @@ def test_a_config_file_that_is_not_a_mapping_is_named(tmp_path):
         load_config(listed)
 
 
+def test_a_duplicate_section_in_a_config_file_is_refused_with_both_lines(tmp_path):
+    demo = (REPO / "configs" / "demo.yaml").read_text()
+    first = demo.splitlines().index("run:") + 1
+    doubled = tmp_path / "doubled.yaml"
+    doubled.write_text(demo + "run:\n  epochs: 5\n")
+    second = len(demo.splitlines()) + 1
+    assert first < second
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(doubled))}: duplicate key 'run' "
+                       rf"\(lines {first} and {second}\)"):
+        load_config(doubled)
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("optim:\n  base_lr: 1.0e-3\n  min_lr: 0\n  base_lr: 2.0e-3\n", "optim.base_lr", (2, 4)),
+    ("teachers:\n  - {name: a, kind: random}\n  - kind: random\n    name: b\n    kind: mae\n",
+     "teachers.1.kind", (3, 5)),
+])
+def test_a_duplicate_key_at_any_depth_is_refused(tmp_path, text, key, lines):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"exp\.yaml: duplicate key '{re.escape(key)}' "
+                       rf"\(lines {lines[0]} and {lines[1]}\)"):
+        load_config(path)
+
+
+def test_yaml_merge_keys_and_repeated_overrides_are_not_duplicates(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("teachers:\n  - &t {name: a, kind: random, weight: 2}\n"
+                    "  - {<<: *t, name: b}\n")
+    cfg = load_config(path, ["run.name=first", "run.name=second"])
+    assert [(t["name"], t["weight"]) for t in cfg["teachers"]] == [("a", 2), ("b", 2)]
+    assert cfg["run"]["name"] == "second"  # the later override wins, as on any command line
+    with pytest.raises(ConfigError, match=r"duplicate key 'teachers\.0\.kind' \(line 1, "
+                       r"columns 3 and 14\)"):
+        load_config(path, ["teachers=[{kind: mae, kind: ibot}]"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("optim.base_lr=-1", "'optim.base_lr' must be positive, got -1"),
     ("optim.base_lr=0", "'optim.base_lr' must be positive, got 0"),
@@ -107,6 +144,28 @@ def test_pretrain_takes_overrides_on_both_sides_of_an_option():
                                 "run.epochs=4", "--deepspeed_config", "ds.json", "optim.lr=1"])
     assert args.overrides == ["run.name=k1", "run.epochs=4", "optim.lr=1"]
     assert (args.config, args.resume, args.deepspeed_config) == ("x.yaml", "auto", "ds.json")
+
+
+@pytest.mark.parametrize("resume, message", [
+    ("autoo", "--resume autoo: no such run or checkpoint directory; did you mean 'auto'?"),
+    ("Auto", "--resume Auto: no such run or checkpoint directory; did you mean 'auto'?"),
+    ("runs/nowhere", "--resume runs/nowhere: no such run or checkpoint directory (it takes "
+     "'auto', a run directory or a checkpoint directory)"),
+])
+def test_a_resume_that_is_neither_auto_nor_a_path_is_named_first(resume, message, capsys,
+                                                                   tmp_path, monkeypatch):
+    pretrain = load_script("launch/pretrain.py")
+    monkeypatch.chdir(tmp_path)  # runs/nowhere is relative: nothing there
+    # refused before the config is read: the missing config file is not what it reports
+    assert pretrain.main(["--config", "missing.yaml", "--resume", resume]) == 2
+    assert capsys.readouterr().err == f"dmt: error: {message}\n"
+
+
+def test_resume_auto_and_existing_paths_pass_the_early_check(tmp_path):
+    pretrain = load_script("launch/pretrain.py")
+    (tmp_path / "run").mkdir()
+    for resume in (None, "auto", str(tmp_path / "run")):
+        pretrain.check_resume(resume)
 
 
 # --- synthetic data: data.path is a sample count ---------------------------------
@@ -217,6 +276,34 @@ def test_every_teacher_checkpoint_that_does_not_load_is_named_at_once(tmp_path):
     assert "blocks.0.attn.qkv.weight: file (1152, 384) vs model (576, 192)" in message
 
 
+@pytest.mark.parametrize("fusion", ["weighted", "sum"])
+@pytest.mark.parametrize("index, value, shown", [(0, "-1", "-1"), (1, "-0.5", "-0.5"),
+                                                 (2, ".nan", "nan"), (0, ".inf", "inf")])
+def test_a_negative_or_non_finite_teacher_weight_is_named(fusion, index, value, shown):
+    with pytest.raises(ConfigError, match=rf"^teachers\[{index}\]\.weight must be a finite "
+                       rf"number >= 0, got {shown}$"):
+        load_config(REPO / "configs" / "demo.yaml",
+                    [f"method.fusion={fusion}", f"teachers.{index}.weight={value}"])
+
+
+def test_weighted_fusion_needs_a_used_teacher_with_a_positive_weight():
+    zero = [f"teachers.{i}.weight=0" for i in range(3)]
+    with pytest.raises(ConfigError, match=r"method.fusion=weighted with every teacher the run "
+                       r"uses \('teacher_a', 'teacher_b', 'teacher_c'\) at weight 0"):
+        load_config(REPO / "configs" / "demo.yaml", ["method.fusion=weighted", *zero])
+    # only the teachers that method.teachers picks count
+    with pytest.raises(ConfigError, match=r"uses \('teacher_b'\) at weight 0"):
+        load_config(REPO / "configs" / "demo.yaml", ["method.fusion=weighted", "teachers.1.weight=0",
+                                                     "method.teachers=[teacher_b]"])
+    picked = load_config(REPO / "configs" / "demo.yaml",
+                         ["method.fusion=weighted", "teachers.0.weight=0", "teachers.2.weight=0",
+                          "method.teachers=[teacher_a, teacher_b]"])
+    assert [t["weight"] for t in picked["teachers"]] == [0, 1.0, 0]
+    # sum and mean read no weights (README: weights count only with fusion weighted)
+    assert [t["weight"] for t in load_config(REPO / "configs" / "demo.yaml",
+                                             ["method.fusion=sum", *zero])["teachers"]] == [0] * 3
+
+
 # --- batches -------------------------------------------------------------------
 
 @pytest.mark.parametrize("global_batch, micro_batch, ranks", [
@@ -283,6 +370,10 @@ def test_export_names_the_path_it_was_given_not_resume(tmp_path, capsys):
 
 
 def test_unreadable_teacher_checkpoints_say_so_without_unsafe_advice(tmp_path):
+    import argparse
+
+    import torch
+
     from dmt.errors import CheckpointError
     from dmt.models.checkpoints import read_checkpoint_file
     text = tmp_path / "notes.pth"
@@ -291,8 +382,6 @@ def test_unreadable_teacher_checkpoints_say_so_without_unsafe_advice(tmp_path):
                        "PyTorch checkpoint|it pickles objects other than tensors)") as err:
         read_checkpoint_file(text)
     assert "weights_only" not in str(err.value)
-    import argparse
-    import torch
     foreign = tmp_path / "foreign.pth"
     torch.save({"w": torch.ones(2), "f": tmp_path}, foreign)  # a Path: neither tensor nor Namespace
     with pytest.raises(CheckpointError, match="it pickles objects other than tensors") as err:
@@ -300,7 +389,13 @@ def test_unreadable_teacher_checkpoints_say_so_without_unsafe_advice(tmp_path):
     assert "weights_only" not in str(err.value)
     torch.save({"w": torch.ones(2), "args": argparse.Namespace(lr=1)}, foreign)
     assert read_checkpoint_file(foreign)["args"].lr == 1  # what official checkpoints hold
+
+
+def test_a_truncated_teacher_checkpoint_is_named_in_one_line(tmp_path):
     import torch
+
+    from dmt.errors import CheckpointError
+    from dmt.models.checkpoints import read_checkpoint_file
     whole = tmp_path / "whole.pth"
     torch.save({"w": torch.ones(64, 64)}, whole)
     cut = tmp_path / "cut.pth"

@@ -75,7 +75,7 @@ def test_two_ranks_zero2_bf16_loss_decreases(tmp_path, fixed_images):
     partition.unlink()
     result = run_pretrain(cfg, "--resume", "auto", "run.max_steps=30", nproc=2,
                           launcher="torchrun", timeout=300)
-    assert "lacks the ZeRO optimizer partitions of student rank(s) [1]" in result.stderr
+    assert "(ZeRO-2) lacks the optimizer partitions of student rank(s) [1]" in result.stderr
     assert (tmp_path / "runs" / "ddp" / "config.yaml").read_text() == config_before
 
 
@@ -144,7 +144,7 @@ def test_torchrun_two_ranks_and_checkpoint_rotation(tmp_path, images):
     # 32 images / (2 ranks x 4) = 4 steps; only the last two kept, `latest` on the newest.
     assert sorted(p.name for p in ckpts.glob("step*")) == ["step00000003", "step00000004"]
     assert (ckpts / "latest").read_text() == "step00000004"
-    assert not list((ckpts / ".tmp").glob("*"))
+    assert not (ckpts / ".tmp").exists()  # an empty .tmp/ would read as a save in progress
     state = json.loads((ckpts / "step00000004" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and state["epoch"] == 1 and state["step_in_epoch"] == 0
     assert {p.name for p in (ckpts / "step00000004").glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
@@ -190,7 +190,7 @@ def test_damaged_checkpoints_are_refused_with_a_way_out(tmp_path, images):
     check(run_pretrain(cfg, "run.export=false"))
     run_dir = tmp_path / "runs" / "dmg"
     ckpts, newest = run_dir / "checkpoints", run_dir / "checkpoints" / "step00000004"
-    way_out = f"--resume {ckpts / 'step00000002'}"
+    way_out = f"newest other complete checkpoint is {ckpts / 'step00000002'}: pass that directory"
     untouched = {f: (run_dir / f).read_bytes() for f in ("config.yaml", "metrics.jsonl")}
 
     def refused(expected: str):
@@ -207,7 +207,7 @@ def test_damaged_checkpoints_are_refused_with_a_way_out(tmp_path, images):
     result = run_pretrain(cfg, "--resume", "auto", "run.epochs=2", timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert f"{pointer} names no checkpoint ('')" in result.stderr, result.stderr
-    assert f"--resume {newest} continues" in result.stderr, result.stderr
+    assert f"complete checkpoint is {newest}: pass that directory" in result.stderr, result.stderr
     pointer.write_text("..")  # the run directory itself is no checkpoint either
     assert "names no checkpoint ('..')" in run_pretrain(cfg, "--resume", "auto").stderr
     pointer.write_text(newest.name)
@@ -216,6 +216,12 @@ def test_damaged_checkpoints_are_refused_with_a_way_out(tmp_path, images):
     state_file.write_bytes(good_state)
     states.write_bytes(good_states[: len(good_states) // 2])
     refused(f"checkpoint {newest} is damaged: rank 0 found mp_rank_00_model_states.pt")
+    # An export of it says the same in one line (it used to end in torch's traceback).
+    export = subprocess.run([sys.executable, "launch/export.py", str(newest), "--out",
+                             str(tmp_path / "x.pth")], cwd=REPO, capture_output=True, text=True)
+    assert export.returncode == 2 and "Traceback" not in export.stderr, export.stderr
+    assert f"checkpoint {newest} is damaged: mp_rank_00_model_states.pt" in export.stderr
+    assert way_out in export.stderr and not (tmp_path / "x.pth").exists()
     states.unlink()
     refused(f"checkpoint {newest} has no DeepSpeed model states")
     shutil.rmtree(newest)
@@ -247,6 +253,46 @@ def test_resume_refuses_a_different_student(tmp_path, images):
     assert result.returncode == 2 and "already holds checkpoints" in result.stderr
     # Refused launches leave the run's config as it was.
     assert (tmp_path / "runs" / "mm" / "config.yaml").read_text() == config_before
+
+
+@pytest.mark.slow
+def test_resume_follows_the_config_and_a_checkpoint_without_pointer(tmp_path, images):
+    """A save cut short after its rename leaves a complete checkpoint and no `latest`:
+    --resume auto continues from it (it used to start afresh and overwrite it). Settings a
+    resume may change apply from the resumed step on and are listed, the optimizer's
+    weight decay and betas included (the loaded optimizer state used to keep the old)."""
+    cfg = tiny_config(tmp_path, images, name="ptr", run={"epochs": 1, "checkpoint_every": 2})
+    check(run_pretrain(cfg, "run.max_steps=2", "run.export=false"))
+    run_dir = tmp_path / "runs" / "ptr"
+    (run_dir / "checkpoints" / "latest").unlink()
+    assert "already holds checkpoints" in _error_of(tmp_path, cfg)
+    result = check(run_pretrain(cfg, "--resume", "auto", "run.max_steps=4",
+                                "optim.weight_decay=0.125", "optim.betas=[0.8,0.99]"))
+    out = " ".join(result.stdout.split())
+    assert "resumed from" in out and "step00000002 at step 2" in out, out
+    assert "latest was missing" in out
+    assert "optim.weight_decay: 0.05 -> 0.125" in out and "optim.betas: [0.9, 0.95] -> [0.8, 0.99]" in out
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
+    saved = torch.load(run_dir / "checkpoints" / "step00000004" / "mp_rank_00_model_states.pt",
+                       weights_only=False)["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in saved] == [(0.125, (0.8, 0.99)),
+                                                                      (0.0, (0.8, 0.99))]
+    # A launch that finds the run complete trains nothing and keeps the run's config.
+    config = (run_dir / "config.yaml").read_text()
+    assert "weight_decay: 0.125" in config
+    done = check(run_pretrain(cfg, "--resume", "auto", "run.max_steps=4", "optim.lr=0.5"))
+    assert "already complete" in done.stdout and (run_dir / "config.yaml").read_text() == config
+
+
+def test_a_run_directory_in_use_is_refused(tmp_path, images):
+    from dmt.engine.runlock import ExclusiveLock
+    cfg = tiny_config(tmp_path, images, name="busy", run={"max_steps": 1})
+    run_dir = tmp_path / "runs" / "busy"
+    with ExclusiveLock(run_dir / ".lock"):  # what a running launch holds
+        err = _error_of(tmp_path, cfg)
+    assert f"{run_dir} is in use by another launch (process " in err, err
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").exists()
+    check(run_pretrain(cfg))  # the lock went with its holder
 
 
 NAN_SCRIPT = r"""
@@ -476,3 +522,64 @@ def test_skipped_files_are_all_listed(tmp_path, images):
     assert "newly found" not in check(run_pretrain(cfg, "run.max_steps=20")).stdout
     listed = (tmp_path / "runs" / "cut" / "skipped_files.txt").read_text().split()
     assert listed and {p.rsplit("/", 1)[1] for p in listed} < set(bad)
+
+
+def _fake_checkpoint(path, files, **state):
+    path.mkdir(parents=True)
+    for name in files:
+        (path / name).write_bytes(b"x")
+    (path / "trainer_state.json").write_text(json.dumps(state))
+    return path
+
+
+def test_a_zero_checkpoint_needs_every_optimizer_partition(tmp_path):
+    """With ZeRO the fp32 master weights live in the optimizer partitions: a checkpoint
+    without them is refused for resume and export alike (an export used to fall back to
+    the rounded module weights without a word)."""
+    from dmt.engine.checkpoint import check_complete, consolidated_student_state
+    from dmt.errors import CheckpointError
+    model = "mp_rank_00_model_states.pt"
+    optim = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
+    cases = [  # files, trainer state, the ranks whose partitions are missing (None: complete)
+        ([model], {"zero_stage": 2, "student_ranks": 2}, [0, 1]),
+        ([model, optim.format(0)], {"zero_stage": 2, "student_ranks": 2}, [1]),
+        ([model, optim.format(0), optim.format(1)], {"zero_stage": 1, "student_ranks": 2}, None),
+        ([model], {"zero_stage": 0, "student_ranks": 4}, None),
+        ([model], {}, None),  # before dmt recorded zero_stage: no partitions, no ZeRO
+        (["zero_pp_rank_0_mp_rank_00_model_states.pt"], {"student_ranks": 1}, [0]),  # ZeRO-3
+    ]
+    for i, (files, state, missing) in enumerate(cases):
+        path = _fake_checkpoint(tmp_path / "runs" / f"r{i}" / "checkpoints" / "step00000002",
+                                files, config={}, global_step=2, epoch=0, step_in_epoch=2,
+                                **state)
+        if missing is None:
+            check_complete(path, state)
+            continue
+        with pytest.raises(CheckpointError, match=re.escape(
+                f"lacks the optimizer partitions of student rank(s) {missing}")):
+            check_complete(path, state)
+        with pytest.raises(CheckpointError, match="lacks the optimizer partitions"):
+            consolidated_student_state(path)
+
+
+def test_resume_refuses_other_teacher_weights_at_any_path(tmp_path):
+    from dmt.config import load_config
+    from dmt.engine.checkpoint import check_same_teacher_files, teacher_files
+    from dmt.errors import CheckpointError
+    first, same, other = (tmp_path / n for n in ("a.pth", "moved.pth", "b.pth"))
+    torch.save({"w": torch.zeros(300_000)}, first)  # over 1 MiB: only the head is hashed
+    same.write_bytes(first.read_bytes())
+    torch.save({"w": torch.ones(300_000)}, other)
+
+    def files(path, used="[t0]"):
+        cfg = load_config(None, [f"teachers=[{{name: t0, kind: timm, checkpoint: {path}}}, "
+                                 "{name: t1, kind: random}]", f"method.teachers={used}"])
+        return teacher_files(cfg, REPO)
+
+    started = {"teacher_files": files(first)}
+    assert list(started["teacher_files"]) == ["t0"]  # a random teacher has no file
+    check_same_teacher_files(started, files(same), tmp_path)  # the same bytes, moved
+    with pytest.raises(CheckpointError, match="other teacher weights.*\n  t0: checkpoint "
+                       f"{first.stat().st_size} bytes"):
+        check_same_teacher_files(started, files(other), tmp_path)
+    check_same_teacher_files({}, files(other), tmp_path)  # a checkpoint from before the check

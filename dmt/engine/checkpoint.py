@@ -10,6 +10,7 @@ see one shared filesystem.)
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dmt.engine.distributed import barrier
+from dmt.engine.distributed import any_rank, barrier, ranks_agreeing
 from dmt.errors import CheckpointError
 from dmt.models import backbone_state_dict
 
@@ -83,6 +84,10 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, trainer_state: dict, ran
         write_atomic(ckpt_root / LATEST, tag.encode())
         if stale is not None:
             shutil.rmtree(stale, ignore_errors=True)
+        try:  # an empty .tmp/ would read as a save in progress
+            tmp_root.rmdir()
+        except OSError:
+            pass
         _prune(ckpt_root, tag, keep_last)
     barrier(group)
     return final
@@ -105,8 +110,8 @@ def _alternatives(run_dir: Path, bad: Path) -> str:
     others = [p for p in complete_checkpoints(run_dir) if p.resolve() != bad.resolve()]
     if not others:
         return "no other complete checkpoint is left in the run"
-    return (f"the newest other complete checkpoint is {others[-1]} (--resume {others[-1]} "
-            "continues from it)")
+    return (f"the newest other complete checkpoint is {others[-1]}: pass that directory "
+            "instead (to --resume or launch/export.py)")
 
 
 def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
@@ -115,7 +120,10 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
     if resume == "auto":
         pointer = run_dir / "checkpoints" / LATEST
         if not pointer.is_file():
-            return None
+            # A save renames its finished directory, then writes the pointer: a crash in
+            # between (or a deleted pointer) leaves complete checkpoints without one.
+            done = complete_checkpoints(run_dir)
+            return done[-1] if done else None
         tag = pointer.read_text().strip()
         path = run_dir / "checkpoints" / tag
         if not tag.startswith("step") or Path(tag).name != tag:  # not what save_checkpoint writes
@@ -154,23 +162,34 @@ def _partition_ranks(path: Path) -> set[int]:
             if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))}
 
 
-def check_loadable(path: Path, student_ranks: int, trainer_state: dict) -> None:
-    """Refuse, before any model is built, a checkpoint DeepSpeed would fail on: missing
-    files, or ZeRO partitions for another number of student ranks."""
+def check_complete(path: Path, trainer_state: dict) -> None:
+    """Refuse a checkpoint that lacks files DeepSpeed (or an export) would need: its model
+    states, or a ZeRO partition of one of the student ranks that wrote it."""
     if not any(path.glob("*mp_rank_*_model_states.pt")):  # ZeRO-3: zero_pp_rank_R_mp_rank_..
         raise CheckpointError(f"checkpoint {path} has no DeepSpeed model states "
                               "(*mp_rank_00_model_states.pt); " + _alternatives(path.parent.parent, path))
     found = _partition_ranks(path)
-    if not found:
+    # Checkpoints before dmt recorded zero_stage: ZeRO-3 shows in its model state names;
+    # for ZeRO-1/2 trust the partitions found.
+    zero = trainer_state.get("zero_stage", 3 if any(path.glob("zero_pp_rank_*_model_states.pt"))
+                             else int(bool(found)))
+    if not zero:
         return  # no ZeRO: the whole state is in the model states, for any number of ranks
-    # Checkpoints before dmt recorded student_ranks: trust the partitions found.
-    saved_ranks = trainer_state.get("student_ranks", max(found) + 1)
+    saved_ranks = trainer_state.get("student_ranks", max(found, default=0) + 1)
     missing = sorted(set(range(saved_ranks)) - found)
     if missing:
-        raise CheckpointError(f"checkpoint {path} lacks the ZeRO optimizer partitions of "
-                              f"student rank(s) {missing} (*zero_pp_rank_R_*optim_states.pt); "
+        raise CheckpointError(f"checkpoint {path} (ZeRO-{zero}) lacks the optimizer partitions "
+                              f"of student rank(s) {missing} (*zero_pp_rank_R_*optim_states.pt); "
                               + _alternatives(path.parent.parent, path))
-    if saved_ranks != student_ranks:
+
+
+def check_loadable(path: Path, student_ranks: int, trainer_state: dict) -> None:
+    """Refuse, before any model is built, a checkpoint DeepSpeed would fail on: missing
+    files, or ZeRO partitions for another number of student ranks."""
+    check_complete(path, trainer_state)
+    found = _partition_ranks(path)
+    saved_ranks = trainer_state.get("student_ranks", max(found, default=0) + 1)
+    if found and saved_ranks != student_ranks:
         raise CheckpointError(
             f"checkpoint {path} holds ZeRO optimizer partitions of {saved_ranks} student "
             f"rank(s), this launch has {student_ranks}: a ZeRO checkpoint resumes on the same "
@@ -205,6 +224,46 @@ def check_compatible(saved_cfg: dict, cfg: dict, path: Path) -> None:
                               + "\n  ".join(diffs))
 
 
+def teacher_files(cfg: dict, repo_root: Path) -> dict[str, str]:
+    """Each used teacher's checkpoint file as its size and the SHA-256 of its first MiB:
+    enough to tell another file from the one a run started with, without reading GBs."""
+    from dmt.config import resolve_path
+    chosen, prints = cfg["method"]["teachers"], {}
+    for t in cfg["teachers"]:
+        if t["kind"] == "random" or not t["checkpoint"] or (chosen and t["name"] not in chosen):
+            continue
+        file = resolve_path(t["checkpoint"], repo_root)
+        with open(file, "rb") as f:
+            head = hashlib.sha256(f.read(2**20)).hexdigest()[:16]
+        prints[t["name"]] = f"{file.stat().st_size} bytes, sha256 of the first MiB {head}"
+    return prints
+
+
+def check_same_teacher_files(trainer_state: dict, now: dict[str, str], path: Path) -> None:
+    """A resumed run distils from the same teacher weights it started with (another file at
+    the same path, or the same file at another path, is told apart by its contents)."""
+    saved = trainer_state.get("teacher_files")  # absent before dmt recorded them
+    if saved is None:
+        return
+    changed = [f"{name}: checkpoint {saved[name]} vs now {now[name]}"
+               for name in saved if name in now and saved[name] != now[name]]
+    if changed:
+        raise CheckpointError(f"checkpoint {path} was written with other teacher weights "
+                              "(a resumed run must distil from the same teachers):\n  "
+                              + "\n  ".join(changed))
+
+
+def changed_settings(saved_cfg: dict, cfg: dict) -> list[str]:
+    """The config keys a resume may change (the others are refused above), as
+    "key: was -> now" lines."""
+    from dmt.config import flatten
+    refused = {f"{a}.{b}" for a, b in _RESUME_KEYS} | {"teachers", "method.teachers", "run.name",
+                                                       "run.output_dir"}
+    before, now = flatten(saved_cfg), flatten(cfg)
+    return [f"{key}: {before.get(key)!r} -> {now[key]!r}" for key in now
+            if key not in refused and before.get(key) != now[key]]
+
+
 def check_same_samples(trainer_state: dict, num_samples: int, data_path, path: Path) -> None:
     """Every epoch's sample order is a function of (seed, epoch, number of samples), and the
     lr schedule of the steps per epoch: a resumed run must read as many samples as it wrote
@@ -220,13 +279,15 @@ def check_same_samples(trainer_state: dict, num_samples: int, data_path, path: P
             "(launch/export.py)")
 
 
-def _unreadable(path: Path, rank: int, data_rank: int) -> str | None:
+def _unreadable(path: Path, rank: int | None, data_rank: int | None) -> str | None:
     """The first of the files this rank will load that is damaged (torch.save writes zip
-    archives, whose checksums testzip verifies), or None."""
+    archives, whose checksums testzip verifies), or None. rank None: every DeepSpeed file
+    (what an export reads), no RNG state."""
     mine = [f for f in sorted(path.glob("*.pt"))
             if (f.name.startswith("rng_") and f.name == f"rng_rank{rank}.pt")
             or (not f.name.startswith("rng_")
-                and ("zero_pp_rank_" not in f.name or f"zero_pp_rank_{data_rank}_" in f.name))]
+                and ("zero_pp_rank_" not in f.name or data_rank is None
+                     or f"zero_pp_rank_{data_rank}_" in f.name))]
     for file in mine:
         try:
             with zipfile.ZipFile(file) as archive:
@@ -238,20 +299,6 @@ def _unreadable(path: Path, rank: int, data_rank: int) -> str | None:
     return None
 
 
-def _ranks_agreeing(this_rank: bool, device, group) -> int:
-    """How many ranks of the group say yes."""
-    count = torch.tensor([float(this_rank)], device=device)
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
-    return int(count.item())
-
-
-def _any_rank(failed: bool, device, group) -> bool:
-    """Whether any rank of the group failed: every rank leaves together, with a message,
-    instead of the others waiting in the next collective until a timeout."""
-    return _ranks_agreeing(failed, device, group) > 0
-
-
 def load_checkpoint(engine, path: Path, rank: int, group=None) -> int:
     """Restores engine, optimizer and this rank's RNG; returns how many ranks found no RNG
     state of theirs (a checkpoint of fewer ranks, without ZeRO partitions). Each rank
@@ -261,7 +308,7 @@ def load_checkpoint(engine, path: Path, rank: int, group=None) -> int:
     intact file of another run)."""
     data_rank = dist.get_rank(group) if dist.is_initialized() else 0
     failure = _unreadable(path, rank, data_rank)
-    if _any_rank(failure is not None, engine.device, group):
+    if any_rank(failure is not None, engine.device, group):
         where = f"rank {rank} found {failure}" if failure else "another rank found a damaged file"
         raise CheckpointError(f"checkpoint {path} is damaged: {where}; "
                               + _alternatives(path.parent.parent, path))
@@ -275,30 +322,40 @@ def load_checkpoint(engine, path: Path, rank: int, group=None) -> int:
     except Exception as err:  # noqa: BLE001
         # Foreign files surface as any of torch's, pickle's or DeepSpeed's internal errors.
         failure = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
-    if _any_rank(failure is not None, engine.device, group):
+    if any_rank(failure is not None, engine.device, group):
         where = f"rank {rank}: {failure}" if failure else "it failed on another rank"
         raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path} ({where}); "
                               + _alternatives(path.parent.parent, path))
     rng_file = path / f"rng_rank{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return _ranks_agreeing(not rng_file.is_file(), engine.device, group)
+    return ranks_agreeing(not rng_file.is_file(), engine.device, group)
 
 
 def consolidated_student_state(ckpt_dir: Path) -> dict:
-    """The full fp32 student state dict of a checkpoint, from any ZeRO stage."""
+    """The full fp32 student state dict of a checkpoint, from any ZeRO stage (with ZeRO the
+    fp32 master weights live in the optimizer partitions, so every one must be there)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {ckpt_dir}")
-    if any(ckpt_dir.glob("*zero_pp_rank_*optim_states.pt")):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
-    else:  # ZeRO stage 0: the module states file holds the whole model
-        files = sorted(ckpt_dir.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise CheckpointError(f"no DeepSpeed model states in {ckpt_dir}")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    check_complete(ckpt_dir, read_trainer_state(ckpt_dir))
+    damaged = _unreadable(ckpt_dir, rank=None, data_rank=None)
+    if damaged:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {damaged}; "
+                              + _alternatives(ckpt_dir.parent.parent, ckpt_dir))
+    try:
+        if _partition_ranks(ckpt_dir):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent),
+                                                             tag=ckpt_dir.name)
+        else:  # ZeRO stage 0: the module states file holds the whole model
+            file = sorted(ckpt_dir.glob("mp_rank_*_model_states.pt"))[0]
+            state = torch.load(file, map_location="cpu", weights_only=False)["module"]
+    except Exception as err:  # noqa: BLE001 - foreign files fail in torch, pickle or DeepSpeed
+        raise CheckpointError(f"could not read the student from {ckpt_dir} "
+                              f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}); "
+                              + _alternatives(ckpt_dir.parent.parent, ckpt_dir)) from None
     return {k: v.float() for k, v in state.items()}
 
 

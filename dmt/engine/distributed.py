@@ -68,6 +68,20 @@ def barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
+def ranks_agreeing(this_rank: bool, device, group=None) -> int:
+    """How many ranks of the group say yes (a collective: every rank of the group calls it)."""
+    count = torch.tensor([float(this_rank)], device=device)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
+    return int(count.item())
+
+
+def any_rank(failed: bool, device, group=None) -> bool:
+    """Whether any rank of the group failed: every rank leaves together, with a message,
+    instead of the others waiting in the next collective until a timeout."""
+    return ranks_agreeing(failed, device, group) > 0
+
+
 def teardown() -> None:
     """Ends the process group once every rank is done with it (the barrier: a rank that
     left early would cut a peer's last collective short). Left to the interpreter's exit,

@@ -45,3 +45,11 @@ def build_optimizer(model: nn.Module, optim_cfg: dict) -> torch.optim.AdamW:
     # because only the fused kernel can call a step off on the device (StepGuard).
     return torch.optim.AdamW(param_groups(model, optim_cfg["weight_decay"]),
                              lr=peak_lr(optim_cfg), betas=tuple(optim_cfg["betas"]), fused=True)
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, optim_cfg: dict) -> None:
+    """The config's weight decay and betas on the groups param_groups() made (decay first),
+    over what a loaded checkpoint restored: a resumed run follows its config."""
+    for group, weight_decay in zip(optimizer.param_groups, (optim_cfg["weight_decay"], 0.0)):
+        group["weight_decay"] = weight_decay
+        group["betas"] = tuple(optim_cfg["betas"])

@@ -23,9 +23,10 @@ from dmt.build import DTYPES, build_method, build_student, build_teachers
 from dmt.config import batch_arithmetic, dump_config, resolve_path, student_ranks
 from dmt.data import build_loader, write_sample_images
 from dmt.engine import checkpoint as ckpt
-from dmt.engine.distributed import DistInfo, barrier, skip_lone_allreduce
+from dmt.engine.distributed import DistInfo, any_rank, barrier, skip_lone_allreduce
 from dmt.engine.logger import RunLogger
-from dmt.engine.optim import build_optimizer, lr_at, peak_lr
+from dmt.engine.optim import build_optimizer, lr_at, peak_lr, set_hyperparameters
+from dmt.engine.runlock import ExclusiveLock, LockBusy
 from dmt.engine.step_guard import NONFINITE_GRADIENTS, NONFINITE_TOKENS, StepGuard
 from dmt.engine.stop import StopRequest
 from dmt.errors import ConfigError, DataError, DMTError
@@ -152,18 +153,22 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     ds_config = deepspeed_config(cfg, accum)
     # Which checkpoint, if any, is settled before anything is built or written: a refused
     # launch leaves the run directory as it was.
-    if not resume and (run_dir / "checkpoints" / ckpt.LATEST).exists():
+    if not resume and ((run_dir / "checkpoints" / ckpt.LATEST).exists()
+                       or ckpt.complete_checkpoints(run_dir)):
         raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume auto to continue "
                           "that run, or choose another run.name / run.output_dir")
     resume_from = ckpt.find_checkpoint(resume, run_dir) if resume else None
+    teacher_files = ckpt.teacher_files(cfg, REPO_ROOT)
     if resume_from is not None:
         saved = ckpt.read_trainer_state(resume_from)
         ckpt.check_compatible(saved["config"], cfg, resume_from)
+        ckpt.check_same_teacher_files(saved, teacher_files, resume_from)
         ckpt.check_loadable(resume_from, dp_world, saved)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
+    run_lock = _lock_run(run_dir, info)
     log = RunLogger(run_dir, 0, info.is_main, False, False, metrics=False)  # until the bar exists
+    if run_lock is not None and run_lock.unsupported:
+        log.warn(f"the run directory could not be locked ({run_lock.unsupported}): make sure "
+                 "no other launch uses the same run.name")
     torch.manual_seed(run_cfg["seed"] + info.rank)
 
     # --- models: frozen half-precision teachers outside the engine, the student inside it
@@ -239,7 +244,10 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     if resume_from is not None:
         # Each rank loads its own ZeRO partition: one rank's damaged file stops them all.
         without_rng = ckpt.load_checkpoint(engine, resume_from, info.rank, group)
-    if info.is_main:  # the run's config, once it has passed every check
+        # The optimizer state restores the saved weight decay and betas: the config rules.
+        set_hyperparameters(client_optimizer, optim_cfg)
+    if info.is_main and state["global_step"] < total_steps:
+        # the run's config, once it has passed every check (a complete run keeps its own)
         ckpt.write_atomic(run_dir / "config.yaml", dump_config(cfg).encode())
     log.close()
     log = RunLogger(run_dir, total_steps, info.is_main, run_cfg["progress"],
@@ -254,6 +262,11 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     if resume_from is not None:
         log.info(f"resumed from {resume_from} at step {state['global_step']} "
                  f"(epoch {state['epoch']}, step {state['step_in_epoch']} of the epoch)")
+        if not (run_dir / "checkpoints" / ckpt.LATEST).is_file() and resume == "auto":
+            log.warn(f"{run_dir / 'checkpoints' / ckpt.LATEST} was missing (a save cut short "
+                     f"before its last step?): resumed from the newest complete checkpoint")
+        for change in ckpt.changed_settings(saved["config"], cfg):
+            log.info(f"changed since the checkpoint, applied from this step on: {change}")
         _warn_if_schedule_moved(saved["config"], cfg, state["global_step"], steps_per_epoch, log)
         if without_rng:  # the data order does not depend on it; drop-path and dropout do
             log.warn(f"{without_rng} of {dp_world} student rank(s) found no rng_rank<r>.pt "
@@ -334,6 +347,8 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
             if saving:
                 _record_skipped(loader, run_dir, info, group, log)
                 saved_state = {**state, "student_ranks": dp_world, "config": cfg,
+                               "zero_stage": engine.zero_optimization_stage(),
+                               "teacher_files": teacher_files,
                                "num_samples": loaders[0].num_samples, "data_path": str(data_path)}
                 last_ckpt = ckpt.save_checkpoint(engine, run_dir / "checkpoints",
                                                  state["global_step"], saved_state, info.rank,
@@ -368,11 +383,30 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
         **({"stopped by": signal.Signals(stopped_by).name} if stopped_by else {}),
     })
     log.close()
+    if run_lock is not None:
+        run_lock.release()
     return {"run_dir": run_dir, "role": "student", "last_checkpoint": last_ckpt,
             "exported": exported, "stopped_by": stopped_by, **state}
 
 
 SKIPPED_LIST = "skipped_files.txt"
+RUN_LOCK = ".lock"
+
+
+def _lock_run(run_dir: Path, info: DistInfo) -> ExclusiveLock | None:
+    """Rank 0 creates the run directory and holds its lock for the whole launch (the
+    kernel drops it when the process ends); every rank stops if another launch holds it."""
+    lock, busy = None, None
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = ExclusiveLock(run_dir / RUN_LOCK).acquire()
+        except LockBusy as holder:
+            busy = str(holder)
+    if any_rank(busy is not None, info.device):
+        raise ConfigError(f"{run_dir} is in use by another launch ({busy or 'seen by rank 0'}): "
+                          "wait for it to end, or choose another run.name / run.output_dir")
+    return lock
 
 
 def _record_skipped(loader, run_dir: Path, info: DistInfo, group, log: RunLogger) -> int:
