@@ -94,11 +94,14 @@ def dmt_step_flops(student: ViTShape, teachers: list[ViTShape],
 # FLOP/s. Ordered: the first substring found in the device name wins.
 _TF = 1e12
 PEAK_TABLE: list[tuple[str, dict[str, float]]] = [
-    # H200 has H100 SXM's tensor cores (more, faster memory).
-    ("H200", {"bf16": 989 * _TF, "fp16": 989 * _TF, "fp8": 1979 * _TF, "tf32": 494.5 * _TF,
-              "fp32": 67 * _TF}),
     ("GH200", {"bf16": 989 * _TF, "fp16": 989 * _TF, "fp8": 1979 * _TF, "tf32": 494.5 * _TF,
                "fp32": 67 * _TF}),
+    # The PCIe card, H100 NVL's clocks and power.
+    ("H200 NVL", {"bf16": 835 * _TF, "fp16": 835 * _TF, "fp8": 1671 * _TF, "tf32": 417.5 * _TF,
+                  "fp32": 60 * _TF}),
+    # H200 (SXM) has H100 SXM's tensor cores (more, faster memory).
+    ("H200", {"bf16": 989 * _TF, "fp16": 989 * _TF, "fp8": 1979 * _TF, "tf32": 494.5 * _TF,
+              "fp32": 67 * _TF}),
     ("H100 NVL", {"bf16": 835 * _TF, "fp16": 835 * _TF, "fp8": 1671 * _TF, "tf32": 417.5 * _TF,
                   "fp32": 60 * _TF}),
     ("H100 PCIe", {"bf16": 756 * _TF, "fp16": 756 * _TF, "fp8": 1513 * _TF, "tf32": 378 * _TF,
@@ -143,6 +146,18 @@ def cpu_model_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def stated_peak(gpu_name: str, key: str) -> PeakFlops:
+    """The PEAK_TABLE figure for a GPU name as torch reports it ("NVIDIA H100 80GB HBM3")
+    and a precision key (bf16, fp16, fp8, tf32, fp32); flops None when not listed."""
+    for pattern, peaks in PEAK_TABLE:
+        if pattern in gpu_name:
+            if key not in peaks:
+                break
+            return PeakFlops(peaks[key], f"data sheet: {pattern} dense {key} "
+                                         f"{peaks[key] / _TF:g} TFLOP/s")
+    return PeakFlops(None, f"unknown for {gpu_name} ({key})")
+
+
 def device_peak_flops(device: torch.device | str, dtype: torch.dtype,
                       measure_if_unknown: bool = False) -> PeakFlops:
     """The device's dense peak for `dtype` from PEAK_TABLE, or None ("unknown").
@@ -157,10 +172,9 @@ def device_peak_flops(device: torch.device | str, dtype: torch.dtype,
         name = torch.cuda.get_device_name(device)
         if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
             key = "tf32"
-        for pattern, peaks in PEAK_TABLE:
-            if pattern in name and key in peaks:
-                return PeakFlops(peaks[key], f"data sheet: {pattern} dense {key} "
-                                             f"{peaks[key] / _TF:g} TFLOP/s")
+        stated = stated_peak(name, key)
+        if stated.flops is not None:
+            return stated
     if not measure_if_unknown:
         return PeakFlops(None, f"unknown for {device_name(device)} ({key})")
     rate, size = measure_matmul_flops(device, dtype)

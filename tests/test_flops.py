@@ -4,7 +4,7 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dmt.flops import (PEAK_TABLE, device_peak_flops, dmt_step_flops, shape_flops,
+from dmt.flops import (PEAK_TABLE, device_peak_flops, stated_peak, dmt_step_flops, shape_flops,
                        vit_forward_flops, vit_shape, vit_shape_of)
 
 
@@ -60,6 +60,14 @@ def test_device_peaks_are_stated():
     assert table["H100"]["bf16"] == table["H200"]["bf16"] == 989e12
     assert table["A100"]["bf16"] == 312e12
     assert names.index("H100 PCIe") < names.index("H100")  # specific names match first
+    # Names as torch.cuda.get_device_name reports them, against the data sheets' dense bf16.
+    for gpu, tflops in [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                        ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835),
+                        ("NVIDIA GH200 480GB", 989), ("NVIDIA A100-SXM4-80GB", 312)]:
+        peak = stated_peak(gpu, "bf16")
+        assert peak.flops == tflops * 1e12, (gpu, peak)
+    assert stated_peak("NVIDIA A100-SXM4-80GB", "fp8").flops is None  # no FP8 tensor cores
+    assert stated_peak("NVIDIA B200", "bf16").flops is None  # not listed: unknown, not a guess
     unknown = device_peak_flops("cpu", torch.float32)
     assert unknown.flops is None and "unknown" in unknown.source
     from dmt import flops
