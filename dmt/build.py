@@ -7,6 +7,7 @@ from dmt.errors import CheckpointError, ConfigError
 from dmt.losses import DistillationLoss
 from dmt.methods import METHODS
 from dmt.models import FrozenTeacher, Student, TeacherEnsemble, create_encoder, load_teacher
+from dmt.models.vit import tiling_error
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -29,20 +30,12 @@ def check_arch(arch: str, img_size: int, key: str, size_key: str = "img_size") -
     patches tile img_size."""
     try:
         with torch.device("meta"):
-            encoder = create_encoder(arch, img_size)
+            encoder = create_encoder(arch, img_size, check_tiling=False)
     except ConfigError as err:
         raise ConfigError(f"{key}: {err}") from None
-    patch = getattr(getattr(encoder, "patch_embed", None), "patch_size", None)
-    if patch is None:
-        raise ConfigError(f"{key}: timm architecture '{arch}' has no patch_embed.patch_size "
-                          "(dmt distils plain Vision Transformers' patch tokens)")
-    patch = patch[0]
-    if img_size % patch:
-        below = img_size - img_size % patch
-        raise ConfigError(f"{size_key}={img_size} is not a multiple of the patch size "
-                          f"{patch} of {arch} ({key}): the last {img_size % patch} pixel "
-                          f"rows and columns would never be seen; use {below} or "
-                          f"{below + patch}")
+    reason = tiling_error(encoder, arch, img_size, size_key, key)
+    if reason:
+        raise ConfigError(reason)
 
 
 def build_teachers(cfg: dict, device: torch.device, warn=print,

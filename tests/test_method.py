@@ -210,3 +210,55 @@ def test_half_precision_teachers_give_fp32_loss_within_tolerance(teachers, stude
     for key in ("tfd", "sfd", "loss"):
         assert rounded[key].dtype == torch.float32
         assert rounded[key].item() == pytest.approx(exact[key].item(), rel=HALF_TOLERANCE[dtype])
+
+
+def test_library_misuse_is_named_before_the_teachers_run(teachers, student, batch):
+    """What used to fail at the first batch, after the teachers' forward (or not at all)."""
+    ens = TeacherEnsemble(teachers)
+    wrong_grid = Student(STUDENT_ARCH, teacher_dim=384, img_size=2 * IMG)  # 16 patches, not 4
+    with pytest.raises(ConfigError, match=r"gives 17 tokens at img_size 64, the teachers 5: "
+                                          "use the same patch size and img_size"):
+        DMT(wrong_grid, ens)
+    with pytest.raises(ConfigError, match=r"adapter outputs width 192, the teachers' tokens "
+                                          r"are 384 wide: build Student\(arch, teacher_dim=384\)"):
+        DMT(Student(STUDENT_ARCH, teacher_dim=192, img_size=IMG), ens)
+    with pytest.raises(ConfigError, match="unknown fusion 'summ'"):
+        DMT(student, ens, fusion="summ")
+    with pytest.raises(ConfigError, match=r"'weighted' needs one weight per teacher \['mae', "
+                                          r"'mocov3', 'ibot'\], got \[1.0\]"):
+        DMT(student, ens, fusion="weighted", weights=[1.0])
+    method = DMT(student, ens)
+    for wrong in ({"student": batch["student"]}, {"weak": 1, "strong": 2}, batch["student"]):
+        with pytest.raises(ConfigError, match=r"mapping the views \['teacher', 'student'\]"):
+            method(wrong)
+    # With targets given (dedicated teacher ranks), the student view is all it needs.
+    targets = method.teacher_targets(batch["teacher"])
+    assert set(method({"student": batch["student"]}, targets=targets)) >= set(LOSS_KEYS)
+    with pytest.raises(ConfigError, match="is not a Vision Transformer"):
+        Student("resnet18", teacher_dim=384)
+    with pytest.raises(ConfigError, match="img_size=40 is not a multiple of the patch size 16"):
+        Student(STUDENT_ARCH, teacher_dim=384, img_size=40)
+    with pytest.raises(ConfigError, match="img_size=40 is not a multiple of the patch size 16"):
+        load_teacher("random", None, arch=TEACHER_ARCH, img_size=40)
+
+
+def test_sfd_drops_the_students_register_tokens_too():
+    """The default loss drops as many prefix tokens as the student has (class + registers),
+    as the trainer's does; it used to drop one whatever the student."""
+    arch = "vit_little_patch16_reg4_gap_256"  # 4 register tokens, no class token
+    ens = TeacherEnsemble([load_teacher("random", None, arch=arch, img_size=IMG,
+                                        dtype=torch.float32)])
+    method = DMT(Student(arch, teacher_dim=ens.embed_dim, img_size=IMG), ens)
+    assert method.loss.num_prefix_tokens == 4
+
+
+def test_a_cast_teacher_runs_in_its_new_dtype(batch):
+    """Teachers cast after loading (.float() on a CPU, where bf16 is slow) take inputs in
+    the new dtype; the inputs used to stay in the dtype they were loaded with."""
+    teacher = load_teacher("random", None, arch=TEACHER_ARCH, img_size=IMG)  # bf16
+    reference = teacher.encoder.forward_features(batch["teacher"].bfloat16()).float()
+    ens = TeacherEnsemble([teacher]).float()
+    (tokens,) = ens(batch["teacher"])
+    assert tokens.dtype == torch.float32 and teacher.dtype == torch.float32
+    # The same bf16 weights, now computed in fp32: close to the bf16 pass, not equal.
+    torch.testing.assert_close(tokens, reference, atol=0.1, rtol=0.05)

@@ -5,8 +5,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from dmt.losses import DistillationLoss, fuse_teachers
+from dmt.errors import ConfigError
+from dmt.losses import FUSIONS, DistillationLoss, fuse_teachers
 from dmt.models import Student, TeacherEnsemble
+
+VIEWS = ("teacher", "student")
 
 
 class DMT:
@@ -20,9 +23,13 @@ class DMT:
     def __init__(self, student: Student | Callable, teachers: TeacherEnsemble,
                  loss: DistillationLoss | None = None, fusion: str = "sum",
                  weights: Sequence[float] | None = None):
+        _check_pairing(student, teachers, fusion, weights)
         self.student = student
         self.teachers = teachers
-        self.loss = loss or DistillationLoss()
+        # SFD drops the prefix tokens: the class token, and registers where the student has them.
+        backbone = getattr(student, "backbone", None)
+        self.loss = loss or DistillationLoss(
+            num_prefix_tokens=getattr(backbone, "num_prefix_tokens", 1))
         self.fusion, self.weights = fusion, weights
 
     @torch.no_grad()
@@ -35,7 +42,36 @@ class DMT:
         """Total loss and each term, plus the student's tokens ("student_tokens": the
         engine builds a zero-gradient surrogate from them when the loss is not finite).
         `targets` lets dedicated teacher ranks supply the fused tokens."""
+        needed = ("student",) if targets is not None else VIEWS
+        if not isinstance(batch, Mapping) or any(k not in batch for k in needed):
+            got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+            raise ConfigError(f"DMT takes a batch mapping the views {list(needed)} to image "
+                              f"tensors (dmt.data's loaders yield it), got {got}")
         if targets is None:
             targets = self.teacher_targets(batch["teacher"])
         student_tokens = self.student(batch["student"])
         return {**self.loss(student_tokens, targets), "student_tokens": student_tokens}
+
+
+def _check_pairing(student, teachers, fusion: str, weights) -> None:
+    """What would otherwise fail at the first batch, after the teachers' forward: token
+    grids and widths that differ, a fusion that does not exist or misses its weights.
+    (A DeepSpeed engine or a plain callable as the student is taken on trust.)"""
+    if fusion not in FUSIONS:
+        raise ConfigError(f"unknown fusion '{fusion}'; choose from {FUSIONS}")
+    if teachers is None:
+        return
+    if fusion == "weighted" and (weights is None or len(weights) != len(teachers.names)):
+        raise ConfigError(f"fusion 'weighted' needs one weight per teacher {teachers.names}, "
+                          f"got {weights}")
+    if not isinstance(student, Student):
+        return
+    if student.num_tokens != teachers.num_tokens:
+        raise ConfigError(
+            f"student {student.arch} gives {student.num_tokens} tokens at img_size "
+            f"{student.img_size}, the teachers {teachers.num_tokens}: use the same patch size "
+            "and img_size (token n of the student is matched with token n of the teachers)")
+    if student.out_dim != teachers.embed_dim:
+        raise ConfigError(f"student adapter outputs width {student.out_dim}, the teachers' "
+                          f"tokens are {teachers.embed_dim} wide: build Student(arch, "
+                          f"teacher_dim={teachers.embed_dim})")

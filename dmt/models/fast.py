@@ -64,7 +64,6 @@ class LoopTeacher(nn.Module):
         teacher.encoder.to(dtype).eval().requires_grad_(False)
         if fp8:
             convert_to_fp8(teacher.encoder)
-        teacher.dtype = dtype  # converted in place: keep the FrozenTeacher consistent
         for module in teacher.encoder.modules():
             if hasattr(module, "fused_attn"):
                 module.fused_attn = True  # SDPA instead of softmax(q k^T) v in eager ops

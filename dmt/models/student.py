@@ -1,11 +1,11 @@
 """The student: a timm ViT (final LayerNorm kept) followed by an adapter to the teacher width."""
 from __future__ import annotations
 
-import timm
 import torch
 from torch import nn
 
 from dmt.errors import ConfigError
+from dmt.models.vit import create_vit
 
 ADAPTERS = ("linear", "identity", "mlp")
 
@@ -29,12 +29,8 @@ class Student(nn.Module):
     def __init__(self, arch: str, teacher_dim: int, adapter: str = "linear",
                  img_size: int = 224, drop_path_rate: float = 0.0):
         super().__init__()
-        try:
-            self.backbone = timm.create_model(arch, pretrained=False, num_classes=0,
-                                              img_size=img_size, drop_path_rate=drop_path_rate)
-        except RuntimeError as err:
-            raise ConfigError(f"unknown timm architecture '{arch}': {err}") from err
-        self.arch = arch
+        self.backbone = create_vit(arch, img_size, drop_path_rate=drop_path_rate)
+        self.arch, self.img_size, self.out_dim = arch, img_size, teacher_dim
         self.adapter = build_adapter(adapter, self.backbone.embed_dim, teacher_dim)
 
     @property

@@ -3,29 +3,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from dmt.errors import CheckpointError, ConfigError
 from dmt.models.checkpoints import (CHECKPOINT_FORMATS, FORMAT_NORMALIZATION, IMAGENET_MEAN,
-                                    IMAGENET_STD,
-                                    read_checkpoint_file)
+                                    IMAGENET_STD, read_checkpoint_file)
+from dmt.models.vit import create_vit
 
 _LIST_AT_MOST = 12
 
 
 def create_encoder(arch: str, img_size: int = 224, **kwargs) -> nn.Module:
     """A timm ViT with no classifier and no stochastic layers (teachers are deterministic)."""
-    try:
-        return timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size,
-                                 drop_rate=0.0, drop_path_rate=0.0, **kwargs)
-    except RuntimeError as err:  # timm: "Unknown model (...)"
-        raise ConfigError(f"unknown timm architecture '{arch}': {err}") from err
-    except TypeError as err:  # a CNN, say: no img_size / drop_path_rate arguments
-        raise ConfigError(f"timm architecture '{arch}' is not a Vision Transformer dmt can "
-                          f"use ({err})") from err
+    return create_vit(arch, img_size, drop_rate=0.0, drop_path_rate=0.0, **kwargs)
 
 
 def _fit_pos_embed(state: dict, model: nn.Module) -> dict:
@@ -78,7 +70,6 @@ class FrozenTeacher(nn.Module):
         super().__init__()
         self.encoder = encoder.to(dtype).eval().requires_grad_(False)
         self.name = name
-        self.dtype = dtype
         # The input normalisation the teacher was trained with: given by the checkpoint
         # format where it fixes one, else timm's config for the arch.
         cfg = getattr(encoder, "pretrained_cfg", {}) or {}
@@ -93,6 +84,12 @@ class FrozenTeacher(nn.Module):
         device = next(self.encoder.parameters()).device
         self.register_buffer("input_scale", scale.view(1, 3, 1, 1).to(device), persistent=False)
         self.register_buffer("input_shift", shift.view(1, 3, 1, 1).to(device), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype, which inputs are cast to: .to(dtype), .float() and .half()
+        on the teacher (or its ensemble) change it."""
+        return next(self.encoder.parameters()).dtype
 
     @property
     def embed_dim(self) -> int:

@@ -1,0 +1,40 @@
+"""The one way dmt makes a timm Vision Transformer (student backbone or teacher encoder)."""
+from __future__ import annotations
+
+import timm
+from torch import nn
+
+from dmt.errors import ConfigError
+
+
+def tiling_error(model: nn.Module, arch: str, img_size: int, size_key: str = "img_size",
+                 key: str | None = None) -> str | None:
+    """Why `model` cannot distil at img_size (None when it can): no patch grid, or patches
+    that do not tile the image. key: the config key naming the architecture, if any."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        return (f"{key + ': ' if key else ''}timm architecture '{arch}' has no "
+                "patch_embed.patch_size (dmt distils plain Vision Transformers' patch tokens)")
+    patch = patch[0]
+    if img_size % patch:
+        below = img_size - img_size % patch
+        return (f"{size_key}={img_size} is not a multiple of the patch size {patch} of "
+                f"{arch}{f' ({key})' if key else ''}: the last {img_size % patch} pixel rows "
+                f"and columns would never be seen; use {below} or {below + patch}")
+    return None
+
+
+def create_vit(arch: str, img_size: int = 224, check_tiling: bool = True, **kwargs) -> nn.Module:
+    """timm.create_model(arch) without classifier, at img_size; one ConfigError for an
+    unknown name, a model that is no ViT, or (check_tiling) patches that do not tile."""
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size,
+                                  **kwargs)
+    except RuntimeError as err:  # timm: "Unknown model (...)"
+        raise ConfigError(f"unknown timm architecture '{arch}': {err}") from err
+    except TypeError as err:  # a CNN, say: no img_size / drop_path_rate arguments
+        raise ConfigError(f"timm architecture '{arch}' is not a Vision Transformer dmt can "
+                          f"use ({err})") from err
+    if check_tiling and (reason := tiling_error(model, arch, img_size)):
+        raise ConfigError(reason)
+    return model
