@@ -123,11 +123,17 @@ def exclusive_output(path: Path):
     """One benchmark at a time per result file: a second run with the same output would
     overwrite the first one's rows and share its .partial file."""
     try:
-        with ExclusiveLock(path.with_name(f".{path.name}.lock")):
-            yield
+        lock = ExclusiveLock(path.with_name(f".{path.name}.lock")).acquire()
     except LockBusy as busy:
         raise SystemExit(f"{path} is being written by another benchmark ({busy}): wait for "
                          "it, or pass another --out") from None
+    if lock.unsupported:
+        print(f"warning: no lock on {path} ({lock.unsupported}): make sure no other "
+              "benchmark writes it", file=sys.stderr)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class _MallInfo2(ctypes.Structure):

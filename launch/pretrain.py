@@ -53,12 +53,15 @@ def check_resume(resume: str | None) -> None:
 def _where_to_resume(cfg: dict | None) -> str:
     if cfg is None:
         return "nothing was written"
-    from dmt.engine.checkpoint import complete_checkpoints
+    from dmt.engine.checkpoint import find_checkpoint
     run_dir = Path(cfg["run"]["output_dir"]) / cfg["run"]["name"]
-    done = complete_checkpoints(run_dir)
-    if not done:
+    try:
+        found = find_checkpoint("auto", run_dir)
+    except DMTError as err:
+        return str(err)
+    if found is None:
         return f"no checkpoint of {run_dir} was written yet"
-    return f"--resume auto continues from the last checkpoint ({done[-1]})"
+    return f"--resume auto continues from {found}"
 
 
 def main(argv=None) -> int:

@@ -583,3 +583,43 @@ def test_resume_refuses_other_teacher_weights_at_any_path(tmp_path):
                        f"{first.stat().st_size} bytes"):
         check_same_teacher_files(started, files(other), tmp_path)
     check_same_teacher_files({}, files(other), tmp_path)  # a checkpoint from before the check
+
+
+def test_the_run_lock_is_released_however_training_ends(tmp_path, images, monkeypatch):
+    from dmt.config import load_config
+    from dmt.engine import trainer
+    from dmt.engine.distributed import DistInfo
+    from dmt.engine.runlock import ExclusiveLock
+    from dmt.errors import ConfigError, DataError
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    cfg = load_config(tiny_config(tmp_path, images, name="inproc"))
+
+    def fails(*args):
+        raise DataError("the data went away")
+
+    monkeypatch.setattr(trainer, "_train", fails)
+    with pytest.raises(DataError) as failure:  # pytest keeps the traceback, and its frames
+        trainer.train(cfg, info)
+    assert failure.value is not None
+    with ExclusiveLock(tmp_path / "runs" / "inproc" / ".lock"):
+        pass  # free again: a later train() in this process may take the run
+    # A run directory that cannot be made is one message (on every rank), not a traceback.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=f"cannot create the run directory {blocker}/x"):
+        trainer._lock_run(blocker / "x", info)
+
+
+def test_resume_with_a_run_directory_takes_its_newest_checkpoint_without_pointer(tmp_path):
+    from dmt.engine.checkpoint import find_checkpoint
+    from dmt.errors import CheckpointError
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="the run has no complete checkpoint yet"):
+        find_checkpoint(str(run), run)
+    for step in (2, 4):
+        _fake_checkpoint(run / "checkpoints" / f"step{step:08d}", [])
+    (run / "checkpoints" / "step00000006").mkdir()  # no trainer state: not complete
+    assert find_checkpoint(str(run), run).name == "step00000004"
+    (run / "checkpoints" / "latest").write_text("step00000002")  # the pointer rules
+    assert find_checkpoint(str(run), run).name == "step00000002"

@@ -134,8 +134,11 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
                                   + _alternatives(run_dir, path))
         return path
     path = Path(resume)
-    if (path / "checkpoints" / LATEST).is_file():
-        return find_checkpoint("auto", path)
+    if (path / "checkpoints").is_dir():  # a run directory: its latest checkpoint
+        found = find_checkpoint("auto", path)
+        if found is None:
+            raise CheckpointError(f"--resume {resume}: the run has no complete checkpoint yet")
+        return found
     if not path.is_dir() or not (path / "trainer_state.json").is_file():
         raise CheckpointError(f"--resume {resume}: not a dmt checkpoint directory (expected "
                               "RUN/checkpoints/stepNNNNNNNN with trainer_state.json) "
@@ -175,10 +178,11 @@ def check_complete(path: Path, trainer_state: dict) -> None:
                              else int(bool(found)))
     if not zero:
         return  # no ZeRO: the whole state is in the model states, for any number of ranks
+    stage = f"ZeRO-{zero}" if "zero_stage" in trainer_state else "ZeRO"  # else guessed
     saved_ranks = trainer_state.get("student_ranks", max(found, default=0) + 1)
     missing = sorted(set(range(saved_ranks)) - found)
     if missing:
-        raise CheckpointError(f"checkpoint {path} (ZeRO-{zero}) lacks the optimizer partitions "
+        raise CheckpointError(f"checkpoint {path} ({stage}) lacks the optimizer partitions "
                               f"of student rank(s) {missing} (*zero_pp_rank_R_*optim_states.pt); "
                               + _alternatives(path.parent.parent, path))
 

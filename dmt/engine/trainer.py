@@ -13,6 +13,7 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
@@ -145,26 +146,59 @@ def micro_batches(loader, state: dict, steps_per_epoch: int, accum: int,
         epoch, step_in_epoch = epoch + 1, 0
 
 
-def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
-    run_cfg, optim_cfg, runtime = cfg["run"], cfg["optim"], cfg["teacher_runtime"]
+@dataclass(frozen=True)
+class Launch:
+    """What a launch settled before building anything: its run directory, batch
+    arithmetic, DeepSpeed config, and the checkpoint it resumes (if any)."""
+    run_dir: Path
+    dp_world: int
+    accum: int
+    ds_config: dict
+    resume: str | None
+    resume_from: Path | None
+    saved: dict | None  # the checkpoint's trainer state
+    teacher_files: dict
+
+
+def prepare_launch(cfg: dict, info: DistInfo, resume: str | None) -> Launch:
+    """Which checkpoint, if any, is settled before anything is built or written: a refused
+    launch leaves the run directory as it was."""
+    optim_cfg = cfg["optim"]
     dp_world = student_ranks(cfg, info.world_size)
     accum = batch_arithmetic(optim_cfg["global_batch"], optim_cfg["micro_batch"], dp_world)
-    run_dir = Path(run_cfg["output_dir"]) / run_cfg["name"]
+    run_dir = Path(cfg["run"]["output_dir"]) / cfg["run"]["name"]
     ds_config = deepspeed_config(cfg, accum)
-    # Which checkpoint, if any, is settled before anything is built or written: a refused
-    # launch leaves the run directory as it was.
     if not resume and ((run_dir / "checkpoints" / ckpt.LATEST).exists()
                        or ckpt.complete_checkpoints(run_dir)):
         raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume auto to continue "
                           "that run, or choose another run.name / run.output_dir")
     resume_from = ckpt.find_checkpoint(resume, run_dir) if resume else None
     teacher_files = ckpt.teacher_files(cfg, REPO_ROOT)
+    saved = None
     if resume_from is not None:
         saved = ckpt.read_trainer_state(resume_from)
         ckpt.check_compatible(saved["config"], cfg, resume_from)
         ckpt.check_same_teacher_files(saved, teacher_files, resume_from)
         ckpt.check_loadable(resume_from, dp_world, saved)
-    run_lock = _lock_run(run_dir, info)
+    return Launch(run_dir, dp_world, accum, ds_config, resume, resume_from, saved, teacher_files)
+
+
+def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
+    launch = prepare_launch(cfg, info, resume)
+    run_lock = _lock_run(launch.run_dir, info)
+    try:  # also when training fails: an in-process caller may launch the run again
+        return _train(cfg, info, launch, run_lock)
+    finally:
+        if run_lock is not None:
+            run_lock.release()
+
+
+def _train(cfg: dict, info: DistInfo, launch: Launch, run_lock: ExclusiveLock | None) -> dict:
+    run_cfg, optim_cfg, runtime = cfg["run"], cfg["optim"], cfg["teacher_runtime"]
+    run_dir, dp_world, accum, ds_config = (launch.run_dir, launch.dp_world, launch.accum,
+                                           launch.ds_config)
+    resume, resume_from, saved = launch.resume, launch.resume_from, launch.saved
+    teacher_files = launch.teacher_files
     log = RunLogger(run_dir, 0, info.is_main, False, False, metrics=False)  # until the bar exists
     if run_lock is not None and run_lock.unsupported:
         log.warn(f"the run directory could not be locked ({run_lock.unsupported}): make sure "
@@ -380,8 +414,6 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
         **({"stopped by": signal.Signals(stopped_by).name} if stopped_by else {}),
     })
     log.close()
-    if run_lock is not None:
-        run_lock.release()
     return {"run_dir": run_dir, "role": "student", "last_checkpoint": last_ckpt,
             "exported": exported, "stopped_by": stopped_by, **state}
 
@@ -393,16 +425,22 @@ RUN_LOCK = ".lock"
 def _lock_run(run_dir: Path, info: DistInfo) -> ExclusiveLock | None:
     """Rank 0 creates the run directory and holds its lock for the whole launch (the
     kernel drops it when the process ends); every rank stops if another launch holds it."""
-    lock, busy = None, None
+    lock, busy, failed = None, None, None
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         try:
+            run_dir.mkdir(parents=True, exist_ok=True)
             lock = ExclusiveLock(run_dir / RUN_LOCK).acquire()
         except LockBusy as holder:
             busy = str(holder)
-    if any_rank(busy is not None, info.device):
-        raise ConfigError(f"{run_dir} is in use by another launch ({busy or 'seen by rank 0'}): "
-                          "wait for it to end, or choose another run.name / run.output_dir")
+        except OSError as err:  # read-only, full, no permission: every rank must hear of it
+            failed = f"{err.strerror or err}: {err.filename or run_dir}"
+    if any_rank(busy is not None or failed is not None, info.device):
+        if busy:
+            raise ConfigError(f"{run_dir} is in use by another launch ({busy}): wait for it to "
+                              "end, or choose another run.name / run.output_dir")
+        if failed:
+            raise ConfigError(f"cannot create the run directory {run_dir} ({failed})")
+        raise ConfigError(f"rank 0 could not take the run directory {run_dir}: see its message")
     return lock
 
 
