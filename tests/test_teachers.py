@@ -277,6 +277,7 @@ def test_missing_keys_named(fmt, source, tmp_path):
     assert str(path) in msg and "missing" in msg
     for k in gone:
         assert k in msg
+    assert "looks like" not in msg  # the right kind, a damaged file: no other kind to suggest
 
 
 @pytest.mark.parametrize("fmt", ["mae", "mocov3", "ibot-full", "dino", "timm-safetensors"])
@@ -294,6 +295,27 @@ def test_unexpected_keys_named(fmt, source, tmp_path):
     for k in extra:
         assert k in msg
     assert "missing" not in msg
+
+
+def test_a_file_of_another_kind_is_named_with_the_kind_it_looks_like(source, tmp_path):
+    """Every official layout tried as every other kind: each load that fails says which
+    kind the file looks like (a bare state dict: dino or timm); the right kind loads."""
+    true_kinds = {"mae": "'mae'", "mocov3": "'mocov3'", "ibot-backbone": "'ibot'",
+                  "ibot-full": "'ibot'", "dino": "'dino' or 'timm'"}
+    refused = 0
+    for fmt, looks in true_kinds.items():
+        kind, name, content = _official(fmt, source)
+        path = _write(tmp_path, name, content())
+        load_teacher(kind, path, arch=ARCH, img_size=IMG)
+        for other in ("mae", "mocov3", "ibot", "dino", "timm"):
+            if other == kind or (kind, other) == ("dino", "timm"):
+                continue
+            try:
+                load_teacher(other, path, arch=ARCH, img_size=IMG)
+            except CheckpointError as err:
+                refused += 1
+                assert f"the file looks like a {looks} checkpoint, not '{other}'" in str(err), err
+    assert refused >= 12  # most pairs cannot load (a bare file fits mae and ibot too)
 
 
 def test_vit_small_file_into_vit_base_arch_names_shapes(tmp_path):

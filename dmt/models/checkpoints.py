@@ -125,3 +125,31 @@ CHECKPOINT_FORMATS = {
     "dino": dino_encoder,
     "timm": timm_encoder,
 }
+
+
+def likely_kinds(obj) -> tuple[str, ...]:
+    """The official layouts a loaded file looks like, from its top-level keys and key
+    prefixes (a bare state dict fits dino and timm alike); () when none."""
+    if not isinstance(obj, dict):
+        return ()
+    if "teacher" in obj:
+        return ("ibot",)
+    if isinstance(obj.get("model"), dict):
+        return ("mae",)
+    state = obj.get("state_dict")
+    if isinstance(state, dict):
+        if any(k.startswith(("module.base_encoder.", "base_encoder.")) for k in state):
+            return ("mocov3",)
+        return ("ibot",)
+    if any(isinstance(v, torch.Tensor) for v in obj.values()):
+        return ("dino", "timm")
+    return ()
+
+
+def kind_hint(obj, kind: str) -> str:
+    """A line for a load error when the file looks like another kind than the one given."""
+    kinds = likely_kinds(obj)
+    if not kinds or kind in kinds:
+        return ""
+    return (f"\n  the file looks like a {' or '.join(repr(k) for k in kinds)} checkpoint, "
+            f"not '{kind}': set the teacher's kind to it")

@@ -9,7 +9,7 @@ from torch import nn
 
 from dmt.errors import CheckpointError, ConfigError
 from dmt.models.checkpoints import (CHECKPOINT_FORMATS, FORMAT_NORMALIZATION, IMAGENET_MEAN,
-                                    IMAGENET_STD, read_checkpoint_file)
+                                    IMAGENET_STD, kind_hint, read_checkpoint_file)
 from dmt.models.vit import create_vit
 
 _LIST_AT_MOST = 12
@@ -84,6 +84,7 @@ class FrozenTeacher(nn.Module):
         device = next(self.encoder.parameters()).device
         self.register_buffer("input_scale", scale.view(1, 3, 1, 1).to(device), persistent=False)
         self.register_buffer("input_shift", shift.view(1, 3, 1, 1).to(device), persistent=False)
+        self.train(False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -131,10 +132,12 @@ def load_teacher(kind: str, checkpoint: str | Path | None, arch: str = "vit_base
         raise ConfigError(f"teacher '{name}' of kind '{kind}' needs a checkpoint file")
     path = Path(checkpoint)
     raw = read_checkpoint_file(path)
-    state = CHECKPOINT_FORMATS[kind](raw, path)
     encoder = create_encoder(arch, img_size)
-    state = _fit_pos_embed(state, encoder)
-    load_encoder_strict(encoder, state, f"{path} (kind '{kind}', arch '{arch}')")
+    try:
+        state = _fit_pos_embed(CHECKPOINT_FORMATS[kind](raw, path), encoder)
+        load_encoder_strict(encoder, state, f"{path} (kind '{kind}', arch '{arch}')")
+    except CheckpointError as err:  # a file of another kind is the likeliest cause: say so
+        raise CheckpointError(f"{err}{kind_hint(raw, kind)}") from None
     mean, std = FORMAT_NORMALIZATION.get(kind, (None, None))
     return FrozenTeacher(encoder, name, dtype, mean=mean, std=std)
 
