@@ -56,6 +56,10 @@ def build_teachers(cfg: dict, device: torch.device, warn=print,
                 warn(f"teacher '{entry['name']}' is kind random, which loads no weights: its "
                      f"checkpoint {entry['checkpoint']} is ignored (set teachers.{i}.kind to "
                      "the checkpoint's kind to use it)")
+        if cfg["method"]["fusion"] == "weighted" and entry["weight"] == 0 and not shapes_only:
+            warn(f"teacher '{entry['name']}' has weight 0 with method.fusion=weighted: it runs "
+                 "every step and adds nothing to the target; leave it out of method.teachers "
+                 "to save its forward pass")
         if shapes_only:
             with torch.device("meta"):
                 encoder = create_encoder(entry["arch"], cfg["model"]["img_size"])

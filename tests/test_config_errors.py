@@ -299,6 +299,15 @@ def test_weighted_fusion_needs_a_used_teacher_with_a_positive_weight():
                          ["method.fusion=weighted", "teachers.0.weight=0", "teachers.2.weight=0",
                           "method.teachers=[teacher_a, teacher_b]"])
     assert [t["weight"] for t in picked["teachers"]] == [0, 1.0, 0]
+    # A used teacher at weight 0 is legal but costs a forward pass for nothing: said so.
+    import torch
+
+    from dmt.build import build_teachers
+    said = []
+    build_teachers(picked, torch.device("cpu"), warn=said.append)
+    assert [w for w in said if "weight 0" in w] == [
+        "teacher 'teacher_a' has weight 0 with method.fusion=weighted: it runs every step and "
+        "adds nothing to the target; leave it out of method.teachers to save its forward pass"]
     # sum and mean read no weights (README: weights count only with fusion weighted)
     assert [t["weight"] for t in load_config(REPO / "configs" / "demo.yaml",
                                              ["method.fusion=sum", *zero])["teachers"]] == [0] * 3
