@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -67,6 +68,7 @@ class Config:
     teacher_mode: str = "auto"       # auto | loop | stacked
     teacher_compile: str = "auto"    # auto | on | off | <torch.compile mode>
     teacher_fp8: bool = False        # FP8 block linears in the matrix's teacher path
+    variants_from: str | None = None  # an earlier result whose teacher variants decide
     threads: int | None = None
     jpeg_path: str | None = None
     out: str | None = None
@@ -110,6 +112,12 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"--teacher-counts must list counts >= 0, got {cfg.teacher_counts}")
     if any(m < 1 for m in cfg.teacher_variants):
         raise ValueError(f"--teacher-variants must list counts >= 1, got {cfg.teacher_variants}")
+    if cfg.variants_from is not None:
+        if cfg.teacher_variants:
+            raise ValueError("--variants-from takes the teacher variants of an earlier run: "
+                             "pass --teacher-variants '' with it")
+        if not Path(cfg.variants_from).is_file():
+            raise ValueError(f"--variants-from: no such file {cfg.variants_from}")
     for flag, sources in (("--data", cfg.data), ("--data-probe", cfg.data_probe)):
         unknown = [x for x in sources if x not in DATA_SOURCES]
         if unknown:

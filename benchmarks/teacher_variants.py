@@ -3,6 +3,7 @@ evidence for the teacher path the matrix then runs."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -93,6 +94,32 @@ def teacher_variants(cfg: Config, bank: TeacherBank, device, batch: int) -> list
                 fast = targets = None
                 cleanup(device)
     return out
+
+
+# What makes variants measured in another run stand for this one.
+_SAME_FOR_VARIANTS = ("teacher_arch", "img_size", "precision", "reference_precision")
+
+
+def variants_from(path: str, cfg: Config, machine: dict) -> list[dict]:
+    """The teacher variants an earlier run measured (a GPU job split in parts: the compiled
+    variants take minutes of their own), if it ran on this machine with these settings."""
+    import json
+    try:
+        earlier = json.loads(Path(path).read_text())
+        variants, config = earlier["teacher_variants"], earlier["config"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"--variants-from {path}: not a throughput result ({err})") from None
+    if not variants:
+        raise SystemExit(f"--variants-from {path}: that run measured no teacher variants")
+    for field in ("gpu", "cpu", "device_type"):
+        if earlier.get("machine", {}).get(field) != machine.get(field):
+            raise SystemExit(f"--variants-from {path}: measured on another machine ({field} "
+                             f"{earlier.get('machine', {}).get(field)!r} vs {machine.get(field)!r})")
+    for key in _SAME_FOR_VARIANTS:
+        if config.get(key) != getattr(cfg, key):
+            raise SystemExit(f"--variants-from {path}: measured with {key} {config.get(key)!r}, "
+                             f"this run uses {getattr(cfg, key)!r}")
+    return variants
 
 
 def fp8_blocker(cfg: Config, device) -> str | None:

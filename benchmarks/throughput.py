@@ -51,7 +51,7 @@ from benchmarks.matrix import (ALIASES, BATCH_CANDIDATES, DTYPES, PRESETS, SHORT
 from benchmarks.placements import run_placements  # noqa: E402
 from benchmarks.steps import TeacherBank, build_fast, build_reference  # noqa: E402
 from benchmarks.teacher_variants import (choose_teachers, fp8_blocker,  # noqa: E402
-                                         teacher_variants)
+                                         teacher_variants, variants_from)
 from benchmarks.timing import Phases, cleanup, release, run_path, run_path_auto  # noqa: E402
 from dmt.flops import device_peak_flops, measure_matmul_flops  # noqa: E402
 
@@ -80,6 +80,9 @@ def parse_args(argv=None) -> Config:
     p.add_argument("--teacher-variants", help="teacher counts for the loop/stacked/compile "
                                               "measurement ('' = skip)")
     p.add_argument("--variant-compile", choices=["on", "off"], help="measure torch.compile too")
+    p.add_argument("--variants-from", metavar="RESULT.json",
+                   help="choose the teacher path from the variants an earlier run measured on "
+                        "this machine (with --teacher-variants '')")
     p.add_argument("--teacher-mode", choices=["auto", "loop", "stacked"], default="auto",
                    help="auto: the fastest measured variant (or optimize_teachers' default)")
     p.add_argument("--teacher-compile", default="auto",
@@ -131,7 +134,7 @@ def parse_args(argv=None) -> Config:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = Config(preset=a.preset, device=device, teacher_mode=a.teacher_mode,
                  teacher_compile=a.teacher_compile, teacher_fp8=a.teacher_fp8 == "on",
-                 jpeg_path=a.jpeg_path, out=a.out,
+                 jpeg_path=a.jpeg_path, out=a.out, variants_from=a.variants_from,
                  **preset)
     try:
         check_config(cfg)
@@ -272,7 +275,10 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
         raise SystemExit(f"--teacher-fp8 on: {fp8_blocker(cfg, device)}")
 
     # --- 1. teacher variants (evidence for loop / stacked / compile on this device)
-    if cfg.teacher_variants:
+    if cfg.variants_from:
+        variants = variants_from(cfg.variants_from, cfg, machine_description(device))
+        print(f"teacher variants from {cfg.variants_from} ({len(variants)})", flush=True)
+    elif cfg.teacher_variants:
         vbatch = fixed_batch or 256
         print(f"teacher variants ({cfg.teacher_arch}, batch {vbatch}):", flush=True)
         variants = teacher_variants(cfg, bank, device, vbatch)

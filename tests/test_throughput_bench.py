@@ -85,6 +85,40 @@ def test_benchmark_and_report_end_to_end(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_variants_of_an_earlier_part_choose_the_teacher_path(tmp_path):
+    """The GPU recipe's split: one part measures the (compiled) teacher variants, the next
+    runs the target cell with the path those variants chose, without measuring them again."""
+    tiny = ["benchmarks/throughput.py", "--preset", "cpu", "--device", "cpu", "--students", "T",
+            "--teacher-arch", "T", "--micro-batch", "2", "--steps", "1", "--warmup", "1",
+            "--variant-compile", "off", "--data", "synthetic", "--data-probe", "",
+            "--dedicated", "", "--profile", ""]
+
+    def run(*flags):
+        return subprocess.run([sys.executable, *tiny, *flags], cwd=REPO, capture_output=True,
+                              text=True, timeout=280)
+
+    variants_part, target_part = tmp_path / "part_variants.json", tmp_path / "part_target.json"
+    proc = run("--img-size", "32", "--teacher-counts", "", "--teacher-variants", "2",
+               "--out", str(variants_part))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    measured = json.loads(variants_part.read_text())
+    assert measured["teacher_variants"] and not measured["rows"]
+    proc = run("--img-size", "32", "--teacher-counts", "2", "--teacher-variants", "",
+               "--variants-from", str(variants_part), "--out", str(target_part))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    target = json.loads(target_part.read_text())
+    assert target["teacher_variants"] == measured["teacher_variants"]
+    assert target["teacher_choice"] == measured["teacher_choice"]
+    assert "fastest measured variant" in target["teacher_choice"]["why"]
+    assert {r["teachers"] for r in target["rows"]} == {2}
+    # Variants measured at another image size do not stand for this run.
+    proc = run("--img-size", "48", "--teacher-counts", "2", "--teacher-variants", "",
+               "--variants-from", str(variants_part), "--out", str(tmp_path / "other.json"))
+    assert proc.returncode != 0 and "measured with img_size 32, this run uses 48" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_benchmark_measures_fp8_teachers_and_runs_them(tmp_path):
     from dmt.models.fp8 import fp8_unsupported
     reason = fp8_unsupported(__import__("torch").device("cpu"))
@@ -228,6 +262,9 @@ def test_merge_keeps_every_cell_and_the_later_part_wins():
     (["--steps", "0"], "--steps must be at least 1"),
     (["--img-size", "63"], "--img-size=63 is not a multiple of the patch size 16"),
     (["--data", "jpg"], "--data: unknown data source(s) ['jpg']"),
+    (["--variants-from", "x.json", "--teacher-variants", "3"],
+     "--variants-from takes the teacher variants of an earlier run: pass --teacher-variants ''"),
+    (["--variants-from", "nope.json", "--teacher-variants", ""], "--variants-from: no such file"),
 ])
 def test_benchmark_flags_are_refused_before_anything_is_measured(flags, message, capsys):
     # A typo must not surface after a twenty-minute matrix: parse_args refuses it (usage
