@@ -93,10 +93,12 @@ def main(argv=None) -> int:
             print(f"dmt: interrupted; {_where_to_resume(cfg)}", file=sys.stderr)
         return 128 + signal.SIGINT
     except DMTError as err:
-        # Checks before start-up fail alike on every rank: say it once. Later errors may
-        # be one rank's own (its data shard, its teacher stream): every rank speaks.
-        if started or rank == 0:
-            prefix = f"[rank {rank}] " if started and int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        # Checks before start-up fail alike on the ranks of a node: said once per node (a
+        # path missing on one node only is that node's). Later errors may be one rank's own
+        # (its data shard, its teacher stream): every rank speaks.
+        if started or rank == 0 or int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            many = int(os.environ.get("WORLD_SIZE", 1)) > 1
+            prefix = f"[rank {rank}] " if many and (started or rank != 0) else ""
             print(f"dmt: error: {prefix}{err}", file=sys.stderr)
         return 2
     # Stopped by a signal (with a checkpoint): the shell's convention, 128 + the signal.

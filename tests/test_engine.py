@@ -463,6 +463,9 @@ def test_dedicated_teacher_rank_matches_colocated_through_a_resume(tmp_path, ima
                        "teacher_runtime.prefetch=1", nproc=3, launcher="torchrun"))
     result = check(run_pretrain(dedic, "--resume", "auto", nproc=3, launcher="torchrun"))
     assert "2 student rank(s)" in result.stdout and "resumed from" in result.stdout
+    # Signals do not checkpoint here: the run says so, and names the checkpoint interval.
+    assert ("dedicated teacher ranks: SIGTERM and Ctrl-C stop the run at once, without a "
+            "checkpoint; checkpoints come every 2 steps") in " ".join(result.stdout.split())
     a, b = metrics(tmp_path / "runs" / "coloc"), metrics(tmp_path / "runs" / "dedic")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["sample_digest"] for r in a] == [r["sample_digest"] for r in b]

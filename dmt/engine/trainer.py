@@ -290,6 +290,10 @@ def _train(cfg: dict, info: DistInfo, launch: Launch, run_lock: ExclusiveLock | 
              f"{dp_world} student rank(s); teachers {teachers.names} ({runtime['placement']}: "
              f"{execution}); student {cfg['model']['arch']}; data {data['backend']} "
              f"{data_path} ({loaders[0].num_samples} samples)")
+    if runtime["placement"] == "dedicated":
+        log.info(f"dedicated teacher ranks: SIGTERM and Ctrl-C stop the run at once, without a "
+                 f"checkpoint; checkpoints come every {run_cfg['checkpoint_every']} steps "
+                 "(run.checkpoint_every)")
     if resume_from is not None:
         log.info(f"resumed from {resume_from} at step {state['global_step']} "
                  f"(epoch {state['epoch']}, step {state['step_in_epoch']} of the epoch)")

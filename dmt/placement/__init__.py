@@ -26,7 +26,7 @@ from dmt.errors import ConfigError
 from dmt.placement.colocated import Colocated
 from dmt.placement.dedicated import (DedicatedStudent, DedicatedTeacher, TargetsMismatchError,
                                      comm_device)
-from dmt.placement.groups import StudentGroups
+from dmt.placement.groups import StudentGroups, group_timeout
 from dmt.placement.layout import RankLayout
 
 PLACEMENTS = ("colocated", "dedicated")
@@ -61,7 +61,8 @@ def build_placement(kind: str, teacher_ranks: int = 0, method=None, *,
         raise ConfigError("placement 'dedicated' needs torch.distributed to be initialised")
     layout = RankLayout(dist.get_world_size(), int(teacher_ranks))
     groups = StudentGroups(layout.student_ranks)  # collective: every rank builds it
-    stream = dist.new_group(list(range(layout.world_size)))  # the targets' own communicator
+    # the targets' own communicator
+    stream = dist.new_group(list(range(layout.world_size)), timeout=group_timeout())
     if layout.is_teacher(dist.get_rank()):
         if method is None or getattr(method, "teachers", None) is None or not micro_batch:
             raise ConfigError("a teacher rank needs the method with its teachers and micro_batch")

@@ -15,15 +15,24 @@ from __future__ import annotations
 import torch.distributed as dist
 
 
+def group_timeout():
+    """How long a collective of dmt's own groups waits for a stalled peer: the world group's
+    timeout (DeepSpeed's DEEPSPEED_TIMEOUT, in minutes). A new group would otherwise take
+    torch's default whatever the world group was given."""
+    from deepspeed.constants import default_pg_timeout
+    return default_pg_timeout
+
+
 class StudentGroups:
     """Created on EVERY rank, in the same order (torch.distributed.new_group is collective)."""
 
     def __init__(self, student_ranks: list[int]):
         self.rank = dist.get_rank()
         self.student_ranks = list(student_ranks)
-        self._dp_group = dist.new_group(self.student_ranks)
+        # DeepSpeed's timeout (DEEPSPEED_TIMEOUT minutes), not torch's default for new groups
+        self._dp_group = dist.new_group(self.student_ranks, timeout=group_timeout())
         # One single-rank group per student: model-parallel collectives become no-ops.
-        singles = {r: dist.new_group([r]) for r in self.student_ranks}
+        singles = {r: dist.new_group([r], timeout=group_timeout()) for r in self.student_ranks}
         self._mp_group = singles.get(self.rank)
         self.is_student = self.rank in self.student_ranks
 
