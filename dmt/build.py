@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from dmt.config import used_teachers
 from dmt.errors import CheckpointError, ConfigError
 from dmt.losses import DistillationLoss
 from dmt.methods import METHODS
@@ -16,11 +17,10 @@ def check_models(cfg: dict) -> None:
     """Before anything is built for real (shapes only, on the meta device): every
     architecture the run uses exists in timm, and its patches tile model.img_size (timm
     would otherwise drop the last pixel rows and columns without a word)."""
-    img_size, chosen = cfg["model"]["img_size"], cfg["method"]["teachers"]
+    img_size = cfg["model"]["img_size"]
     archs = {cfg["model"]["arch"]: "model.arch"}
-    for i, entry in enumerate(cfg["teachers"]):
-        if chosen is None or entry["name"] in chosen:
-            archs.setdefault(entry["arch"], f"teachers.{i}.arch")
+    for i, entry in used_teachers(cfg):
+        archs.setdefault(entry["arch"], f"teachers.{i}.arch")
     for arch, key in archs.items():
         check_arch(arch, img_size, key, size_key="model.img_size")
 
@@ -43,11 +43,8 @@ def build_teachers(cfg: dict, device: torch.device, warn=print,
     """The run's teachers. shapes_only: weightless encoders on the meta device, for ranks
     that need the teachers' width and token count but never run them (dedicated students)."""
     dtype = DTYPES[cfg["teacher_runtime"]["dtype"]]
-    chosen = cfg["method"]["teachers"]
     teachers, failures = [], []
-    for i, entry in enumerate(cfg["teachers"]):
-        if chosen is not None and entry["name"] not in chosen:
-            continue
+    for i, entry in used_teachers(cfg):
         if entry["kind"] == "random":
             warn(f"teacher '{entry['name']}' is RANDOMLY INITIALISED ({entry['arch']}): fine for "
                  "a demo or a benchmark, meaningless for pretraining. Real runs pass official "

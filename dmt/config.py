@@ -296,6 +296,12 @@ def validate_types(cfg: dict) -> None:
     _check_teacher_weights(cfg)
 
 
+def used_teachers(cfg: dict) -> list[tuple[int, dict]]:
+    """(index, entry) of the teachers the run distils from: method.teachers, else all."""
+    chosen = cfg["method"]["teachers"]
+    return [(i, t) for i, t in enumerate(cfg["teachers"]) if chosen is None or t["name"] in chosen]
+
+
 def _check_teacher_weights(cfg: dict) -> None:
     """A weight is a non-negative finite number, whatever the fusion (a negative or infinite
     one is never meant); with fusion `weighted`, the only one that reads them, the teachers
@@ -304,8 +310,7 @@ def _check_teacher_weights(cfg: dict) -> None:
         if not math.isfinite(t["weight"]) or t["weight"] < 0:
             raise ConfigError(f"teachers[{i}].weight must be a finite number >= 0, "
                               f"got {t['weight']!r}")
-    chosen = cfg["method"]["teachers"]
-    used = [t for t in cfg["teachers"] if chosen is None or t["name"] in chosen]
+    used = [t for _, t in used_teachers(cfg)]
     if cfg["method"]["fusion"] == "weighted" and used and not any(t["weight"] for t in used):
         names = ", ".join(f"'{t['name']}'" for t in used)
         raise ConfigError(f"method.fusion=weighted with every teacher the run uses ({names}) "
@@ -416,10 +421,9 @@ def check_files(cfg: dict, repo_root: Path | None = None) -> None:
 def _check_teacher_checkpoints(cfg: dict) -> None:
     """Every checkpoint the run will load exists; all missing ones are named at once.
     Teachers left out of method.teachers are never loaded (dmt.build), so not checked."""
-    chosen = cfg["method"]["teachers"]
     missing = []
-    for i, t in enumerate(cfg["teachers"]):
-        if t["kind"] == "random" or (chosen is not None and t["name"] not in chosen):
+    for i, t in used_teachers(cfg):
+        if t["kind"] == "random":
             continue
         if not t["checkpoint"]:
             missing.append(f"teachers[{i}] ('{t['name']}', kind {t['kind']}) has no checkpoint")

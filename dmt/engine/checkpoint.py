@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dmt.config import flatten, resolve_path, used_teachers
 from dmt.engine.distributed import any_rank, barrier, ranks_agreeing
 from dmt.errors import CheckpointError
 from dmt.models import backbone_state_dict
@@ -165,9 +166,10 @@ def _partition_ranks(path: Path) -> set[int]:
             if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))}
 
 
-def check_complete(path: Path, trainer_state: dict) -> None:
+def check_complete(path: Path, trainer_state: dict) -> int:
     """Refuse a checkpoint that lacks files DeepSpeed (or an export) would need: its model
-    states, or a ZeRO partition of one of the student ranks that wrote it."""
+    states, or a ZeRO partition of one of the student ranks that wrote it. Returns how many
+    student ranks' ZeRO partitions it holds (0: no ZeRO)."""
     if not any(path.glob("*mp_rank_*_model_states.pt")):  # ZeRO-3: zero_pp_rank_R_mp_rank_..
         raise CheckpointError(f"checkpoint {path} has no DeepSpeed model states "
                               "(*mp_rank_00_model_states.pt); " + _alternatives(path.parent.parent, path))
@@ -177,7 +179,7 @@ def check_complete(path: Path, trainer_state: dict) -> None:
     zero = trainer_state.get("zero_stage", 3 if any(path.glob("zero_pp_rank_*_model_states.pt"))
                              else int(bool(found)))
     if not zero:
-        return  # no ZeRO: the whole state is in the model states, for any number of ranks
+        return 0  # no ZeRO: the whole state is in the model states, for any number of ranks
     stage = f"ZeRO-{zero}" if "zero_stage" in trainer_state else "ZeRO"  # else guessed
     saved_ranks = trainer_state.get("student_ranks", max(found, default=0) + 1)
     missing = sorted(set(range(saved_ranks)) - found)
@@ -185,15 +187,14 @@ def check_complete(path: Path, trainer_state: dict) -> None:
         raise CheckpointError(f"checkpoint {path} ({stage}) lacks the optimizer partitions "
                               f"of student rank(s) {missing} (*zero_pp_rank_R_*optim_states.pt); "
                               + _alternatives(path.parent.parent, path))
+    return saved_ranks
 
 
 def check_loadable(path: Path, student_ranks: int, trainer_state: dict) -> None:
     """Refuse, before any model is built, a checkpoint DeepSpeed would fail on: missing
     files, or ZeRO partitions for another number of student ranks."""
-    check_complete(path, trainer_state)
-    found = _partition_ranks(path)
-    saved_ranks = trainer_state.get("student_ranks", max(found, default=0) + 1)
-    if found and saved_ranks != student_ranks:
+    saved_ranks = check_complete(path, trainer_state)
+    if saved_ranks and saved_ranks != student_ranks:
         raise CheckpointError(
             f"checkpoint {path} holds ZeRO optimizer partitions of {saved_ranks} student "
             f"rank(s), this launch has {student_ranks}: a ZeRO checkpoint resumes on the same "
@@ -210,10 +211,9 @@ _RESUME_KEYS = [("model", "arch"), ("model", "img_size"), ("model", "adapter"),
 
 
 def _used_teachers(cfg: dict) -> list[tuple]:
-    chosen = cfg["method"]["teachers"]
     weighted = cfg["method"]["fusion"] == "weighted"
     return [(t["name"], t["kind"], t["arch"], t["weight"] if weighted else None)
-            for t in cfg["teachers"] if chosen is None or t["name"] in chosen]
+            for _, t in used_teachers(cfg)]
 
 
 def check_compatible(saved_cfg: dict, cfg: dict, path: Path) -> None:
@@ -231,10 +231,9 @@ def check_compatible(saved_cfg: dict, cfg: dict, path: Path) -> None:
 def teacher_files(cfg: dict, repo_root: Path) -> dict[str, str]:
     """Each used teacher's checkpoint file as its size and the SHA-256 of its first MiB:
     enough to tell another file from the one a run started with, without reading GBs."""
-    from dmt.config import resolve_path
-    chosen, prints = cfg["method"]["teachers"], {}
-    for t in cfg["teachers"]:
-        if t["kind"] == "random" or not t["checkpoint"] or (chosen and t["name"] not in chosen):
+    prints = {}
+    for _, t in used_teachers(cfg):
+        if t["kind"] == "random" or not t["checkpoint"]:
             continue
         file = resolve_path(t["checkpoint"], repo_root)
         with open(file, "rb") as f:
@@ -260,7 +259,6 @@ def check_same_teacher_files(trainer_state: dict, now: dict[str, str], path: Pat
 def changed_settings(saved_cfg: dict, cfg: dict) -> list[str]:
     """The config keys a resume may change (the others are refused above), as
     "key: was -> now" lines."""
-    from dmt.config import flatten
     refused = {f"{a}.{b}" for a, b in _RESUME_KEYS} | {"teachers", "method.teachers", "run.name",
                                                        "run.output_dir"}
     before, now = flatten(saved_cfg), flatten(cfg)
