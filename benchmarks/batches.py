@@ -5,10 +5,10 @@ from __future__ import annotations
 import atexit
 import shutil
 import tempfile
-from pathlib import Path
 
 import torch
 
+from benchmarks.common import jpeg_folder
 from benchmarks.matrix import Config
 
 
@@ -65,22 +65,14 @@ _JPEG_DIR: dict[int, str] = {}  # image side -> folder
 
 
 def _jpeg_folder(images: int, side: int) -> str:
-    """>= `images` JPEGs (real photos cut from images shipped in packages, ImageNet-like
-    size): up to 1024 unique ones, then copies (same decode cost, quicker to make). Enough
-    for 16 steps per epoch, so epoch restarts stay out of the measurement; made once and
-    grown for larger batches."""
-    from dmt.data import write_sample_images
+    """A folder of >= `images` JPEGs (benchmarks.common.jpeg_folder): enough for 16 steps
+    per epoch, so epoch restarts stay out of the measurement; made once and grown for
+    larger batches."""
     folder = _JPEG_DIR.get(side)
     if folder is None:
         folder = _JPEG_DIR[side] = tempfile.mkdtemp(prefix="dmt_bench_jpeg_")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)  # GiBs at 448 px
-        write_sample_images(folder, num_images=min(images, 1024), size=side, num_classes=8)
-    files = sorted(Path(folder).rglob("*.jpg"))
-    unique = [f for f in files if not f.name.startswith("copy")]
-    for n in range(len(files), images):
-        src = unique[n % len(unique)]
-        shutil.copyfile(src, src.with_name(f"copy{n:06d}_{src.name}"))
-    return folder
+    return str(jpeg_folder(folder, images, side))
 
 
 def make_batches(source: str, cfg: Config, batch: int, device, student_dtype):

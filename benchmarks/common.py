@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -203,3 +204,28 @@ class MemorySampler:
             self._thread.join()
         self.peak = max(self.peak, self._read())
         return False
+
+
+def jpeg_folder(folder, images: int, side: int, quality: int = 90) -> Path:
+    """`folder` holding >= `images` ImageNet-like JPEGs (photos cut from images shipped in
+    packages, longer side `side`): up to 1024 unique ones, then copies (the same decode
+    cost, quicker to make). Grows a folder it made before."""
+    from dmt.data import write_sample_images
+    folder = Path(folder)
+    unique = [f for f in sorted(folder.rglob("*.jpg")) if not f.name.startswith("copy")]
+    if not unique:
+        write_sample_images(folder, num_images=min(images, 1024), size=side, num_classes=8,
+                            quality=quality)
+        unique = sorted(folder.rglob("*.jpg"))
+    for n in range(len(list(folder.rglob("*.jpg"))), images):
+        src = unique[n % len(unique)]
+        shutil.copyfile(src, src.with_name(f"copy{n:06d}_{src.name}"))
+    return folder
+
+
+def same_machine_error(a: dict, b: dict) -> str | None:
+    """How two results' machines differ (None when they are the same machine)."""
+    for field in ("gpu", "cpu", "device_type"):
+        if a.get(field) != b.get(field):
+            return f"{field} {a.get(field)!r} vs {b.get(field)!r}"
+    return None

@@ -16,7 +16,6 @@ on the GPU (nvJPEG), then the same crops (bicubic, antialiased) and views.
 """
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -29,9 +28,9 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import (RESULTS_DIR, command_line, machine_description,  # noqa: E402
+from benchmarks.common import (RESULTS_DIR, command_line, jpeg_folder, machine_description,  # noqa: E402
                                timestamp, write_json)
-from dmt.data import build_loader, write_sample_images  # noqa: E402
+from dmt.data import build_loader  # noqa: E402
 from dmt.data.augment import ViewSpec, crop_boxes, make_views  # noqa: E402
 from dmt.data.folder import scan_image_folder  # noqa: E402
 from dmt.data.sampling import ShardedEpochs  # noqa: E402
@@ -90,13 +89,8 @@ def prepare_dataset(args, workdir: Path):
         return args.path, {"kind": "synthetic", "samples": args.path or "ImageNet-1k size"}
     if args.path:
         return args.path, {"kind": "given", "path": str(args.path)}
-    folder = workdir / "images"
+    folder = jpeg_folder(workdir / "images", args.num_images, args.image_side, quality=90)
     unique = min(args.num_images, 1024)
-    write_sample_images(folder, num_images=unique, size=args.image_side, num_classes=8, quality=90)
-    files = sorted(folder.rglob("*.jpg"))
-    for n in range(unique, args.num_images):  # copies: same decode cost, quicker to make
-        src = files[n % unique]
-        shutil.copyfile(src, src.with_name(f"copy{n:06d}_{src.name}"))
     sizes = [os.path.getsize(f) for f in folder.rglob("*.jpg")]
     description = {"kind": "generated JPEGs (dmt.data.write_sample_images)", "images": args.num_images,
                    "unique_images": unique, "longer_side_px": f"{args.image_side} +-10%",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from dmt.config import COMPILE_MODES
+from dmt.choices import COMPILE_MODES
 from dmt.flops import PeakFlops, dmt_step_flops, vit_shape
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -18,7 +18,7 @@ ALIASES = {"T": "vit_tiny_patch16_224", "S": "vit_small_patch16_224",
 
 PRESETS = {
     # 2 shared CPU cores. fp32 everywhere: this class of CPU (AVX2, no AVX-512 BF16/AMX)
-    # multiplies bf16/fp16 matrices ~50x slower than fp32 (see "matmul_rates" in the JSON).
+    # multiplies bf16/fp16 matrices tens of times slower than fp32 ("matmul_rates" in the JSON).
     # One thread: two OpenMP threads competing with other processes for 2 cores made
     # timings swing 5-10x. ZeRO stage 0: at world size 1 on CPU, stages 1-2 only add gloo
     # calls and partition copies (measured 2.3x the step time of stage 0 for ViT-T).

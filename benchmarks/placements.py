@@ -19,7 +19,7 @@ from benchmarks.common import MemorySampler
 from benchmarks.matrix import DTYPES, Config, parse_cell, result_row
 from benchmarks.steps import TeacherBank, ds_config, fast_step, make_student
 from benchmarks.timing import Phases, sync
-from dmt.engine.distributed import skip_lone_allreduce
+from dmt.engine.distributed import free_port, skip_lone_allreduce
 from dmt.engine.step_guard import StepGuard
 from dmt.flops import PeakFlops, vit_shape
 from dmt.losses import DistillationLoss
@@ -55,7 +55,7 @@ def placement_worker(rank: int, world: int, port: int, spec: dict, out_dir: str)
     method = DMT(None, teachers, DistillationLoss())
     placement = build_placement(kind, t_ranks, method, micro_batch=batch, device=device)
     total = cfg.warmup + cfg.steps
-    student_dtype = dtype if cfg.precision != "fp32" else torch.float32
+    student_dtype = dtype  # the engine's dtype: the trainer casts the student view to it
 
     def data(data_rank):  # static batches, the same on a student and its teacher
         return StaticBatches(batch, cfg.img_size, device, student_dtype, seed=1 + data_rank)
@@ -63,7 +63,7 @@ def placement_worker(rank: int, world: int, port: int, spec: dict, out_dir: str)
     if placement.role == "teacher":
         feeds = {s: data(r) for s, (r, _) in zip(placement.students, placement.data_shards)}
         t0 = time.perf_counter()
-        placement.serve(feeds, steps=total)
+        placement.serve(feeds, micro_batches=total)
         dist.barrier()
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump({"role": "teacher", "serve_s": time.perf_counter() - t0}, f)
@@ -74,9 +74,7 @@ def placement_worker(rank: int, world: int, port: int, spec: dict, out_dir: str)
     n_students = placement.data_world_size
     engine, *_ = deepspeed.initialize(
         model=student, optimizer=optimizer, mpu=placement.mpu,
-        config={**ds_config(batch * n_students, cfg.precision, cfg.zero_stage,
-                             overlap_comm=cuda and n_students > 1),
-                "train_micro_batch_size_per_gpu": batch})
+        config=ds_config(batch * n_students, cfg.precision, cfg.zero_stage, n_students))
     method.student = engine
     group = placement.mpu.get_data_parallel_group() if placement.mpu else None
     guard = StepGuard.for_engine(engine, optimizer, device, group)
@@ -106,8 +104,6 @@ def placement_worker(rank: int, world: int, port: int, spec: dict, out_dir: str)
 
 def run_placements(cfg: Config, device, choice: dict, batch: int, peak: PeakFlops) -> list[dict]:
     """Same hardware, two placements: T teacher + S student ranks vs T+S colocated ranks."""
-    import socket
-
     import torch.multiprocessing as mp
     t_ranks, s_ranks = (int(x) for x in cfg.dedicated.split(":"))
     world = t_ranks + s_ranks
@@ -121,9 +117,7 @@ def run_placements(cfg: Config, device, choice: dict, batch: int, peak: PeakFlop
     for kind, tr in (("colocated", 0), ("dedicated", t_ranks)):
         holder = tempfile.TemporaryDirectory(prefix=f"dmt_bench_{kind}_")
         out_dir = holder.name
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         spec = {"cfg": asdict(cfg), "device": device.type, "kind": kind, "teacher_ranks": tr,
                 "m": m, "batch": batch, "student": student_arch, "choice": choice,
                 "threads": threads}

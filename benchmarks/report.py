@@ -333,7 +333,7 @@ def merge_results(parts: list[dict]) -> dict:
     same cell; each part's command, configuration and duration are kept under "parts"."""
     first = parts[0]
     for part in parts[1:]:
-        for field in ("gpu", "cpu", "device_type"):
+        for field in ("gpu", "cpu", "device_type"):  # as benchmarks.common, without torch
             if part["machine"].get(field) != first["machine"].get(field):
                 raise SystemExit(f"cannot merge results of different machines: {field} "
                                  f"{first['machine'].get(field)!r} vs {part['machine'].get(field)!r}")

@@ -7,12 +7,17 @@ import copy
 
 import torch
 
+from benchmarks.common import REPO_ROOT
 from benchmarks.matrix import DTYPES, Config
 from benchmarks.timing import Phases
 from dmt.engine.distributed import skip_lone_allreduce
+from dmt.engine.ds_config import add_runtime_settings, read_ds_config
 from dmt.engine.step_guard import StepGuard
 from dmt.flops import vit_shape
 from dmt.losses import DistillationLoss, fuse_teachers
+
+
+DS_CONFIGS = REPO_ROOT / "ds_configs"
 
 
 class TeacherBank:
@@ -50,22 +55,15 @@ class TeacherBank:
         return out
 
 
-def ds_config(batch: int, precision: str, zero_stage: int, overlap_comm: bool) -> dict:
-    """overlap_comm: only with several data-parallel GPU ranks (as the trainer): ZeRO-1/2
-    synchronise the GPU after every backward when it is on."""
-    return {
-        "train_batch_size": batch, "train_micro_batch_size_per_gpu": batch,
-        "gradient_accumulation_steps": 1,
-        # Buckets sized to small students: DeepSpeed's default (5e8 elements, two bf16
-        # buffers with overlap_comm) would add 2 GB to every step's peak memory.
-        "zero_optimization": {"stage": zero_stage, "overlap_comm": overlap_comm,
-                              "reduce_bucket_size": int(5e7), "allgather_bucket_size": int(5e7)},
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 12},
-        "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-        "timers": {"throughput": {"enabled": False}},  # as the trainer: no GPU sync per step
-    }
+def ds_config(batch: int, precision: str, zero_stage: int, data_ranks: int = 1) -> dict:
+    """The repository's ZeRO file for `precision` (its buckets and loss scaler, read and
+    checked as the trainer reads a run's), at `zero_stage`, for a global batch of `batch`
+    over `data_ranks` ranks with no accumulation; overlap_comm as the trainer decides it."""
+    ds = read_ds_config(DS_CONFIGS / f"zero2_{precision}.json")
+    ds["zero_optimization"]["stage"] = zero_stage
+    ds.update(train_batch_size=batch, train_micro_batch_size_per_gpu=batch // data_ranks,
+              gradient_accumulation_steps=1)
+    return add_runtime_settings(ds, data_ranks)
 
 
 def make_student(arch: str, teacher_dim: int, img: int):
@@ -96,8 +94,7 @@ def build_fast(cfg: Config, bank: TeacherBank, student_arch: str, m: int, batch:
     student = make_student(student_arch, dim, cfg.img_size)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer,
-                                      config=ds_config(batch, cfg.precision, cfg.zero_stage,
-                                                        overlap_comm=False))  # one rank
+                                      config=ds_config(batch, cfg.precision, cfg.zero_stage))
     guard = StepGuard.for_engine(engine, optimizer, device)
     skip_lone_allreduce(engine)  # as the trainer does
     if cfg.compile_student:

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import same_machine_error
 from benchmarks.matrix import DTYPES, Config
 from benchmarks.steps import TeacherBank
 from benchmarks.timing import cleanup, sync
 from dmt.flops import shape_flops, vit_shape
-from dmt.losses import fuse_teachers
+from dmt.losses import fuse_teachers, target_error
 
 
 def teacher_variants(cfg: Config, bank: TeacherBank, device, batch: int) -> list[dict]:
@@ -63,7 +64,7 @@ def teacher_variants(cfg: Config, bank: TeacherBank, device, batch: int) -> list
         ref = None  # the fp32 copies go before the fast variants are built
         baseline = None  # the plain loop's targets: what fp8 variants are compared with
         kinds = [("loop", False), ("stacked", False)]
-        blocked = fp8_blocker(cfg, device)
+        blocked = fp8_unavailable_reason(cfg, device)
         if blocked:
             out.append({"variant": "fp8", "teachers": m, "mode": "loop", "fp8": True,
                         "skipped": blocked})
@@ -111,10 +112,9 @@ def variants_from(path: str, cfg: Config, machine: dict) -> list[dict]:
         raise SystemExit(f"--variants-from {path}: not a throughput result ({err})") from None
     if not variants:
         raise SystemExit(f"--variants-from {path}: that run measured no teacher variants")
-    for field in ("gpu", "cpu", "device_type"):
-        if earlier.get("machine", {}).get(field) != machine.get(field):
-            raise SystemExit(f"--variants-from {path}: measured on another machine ({field} "
-                             f"{earlier.get('machine', {}).get(field)!r} vs {machine.get(field)!r})")
+    other = same_machine_error(earlier.get("machine", {}), machine)
+    if other:
+        raise SystemExit(f"--variants-from {path}: measured on another machine ({other})")
     for key in _SAME_FOR_VARIANTS:
         if config.get(key) != getattr(cfg, key):
             raise SystemExit(f"--variants-from {path}: measured with {key} {config.get(key)!r}, "
@@ -122,19 +122,11 @@ def variants_from(path: str, cfg: Config, machine: dict) -> list[dict]:
     return variants
 
 
-def fp8_blocker(cfg: Config, device) -> str | None:
+def fp8_unavailable_reason(cfg: Config, device) -> str | None:
     from dmt.models.fp8 import fp8_unsupported
     if cfg.precision != "bf16":
         return f"fp8 teachers write bf16; this run's precision is {cfg.precision}"
     return fp8_unsupported(device)
-
-
-def target_error(reference: torch.Tensor, approx: torch.Tensor) -> dict:
-    """How far approximate fused targets are from the reference ones, as the TFD loss sees
-    them (KL of the per-token channel softmaxes) and as numbers (relative Frobenius error)."""
-    p, q = reference.log_softmax(-1), approx.log_softmax(-1)
-    return {"target_kl": (p.exp() * (p - q)).sum(-1).mean().item(),
-            "target_rel_error": ((approx - reference).norm() / reference.norm()).item()}
 
 
 def choose_teachers(cfg: Config, variants: list[dict]) -> dict:
@@ -157,7 +149,7 @@ def choose_teachers(cfg: Config, variants: list[dict]) -> dict:
         compile_ = False if compile_ == "auto" else compile_
     if cfg.teacher_fp8:
         mode = "loop"  # fp8 runs per teacher
-        blocker = fp8_blocker(cfg, torch.device(cfg.device))
-        if blocker:
-            raise SystemExit(f"--teacher-fp8 on: {blocker}")
+        reason = fp8_unavailable_reason(cfg, torch.device(cfg.device))
+        if reason:
+            raise SystemExit(f"--teacher-fp8 on: {reason}")
     return {"mode": mode, "compile": compile_, "fp8": cfg.teacher_fp8, "why": why}

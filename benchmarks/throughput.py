@@ -50,7 +50,7 @@ from benchmarks.matrix import (ALIASES, BATCH_CANDIDATES, DTYPES, PRESETS, SHORT
                                Config, check_config, parse_cell, result_row)
 from benchmarks.placements import run_placements  # noqa: E402
 from benchmarks.steps import TeacherBank, build_fast, build_reference  # noqa: E402
-from benchmarks.teacher_variants import (choose_teachers, fp8_blocker,  # noqa: E402
+from benchmarks.teacher_variants import (choose_teachers, fp8_unavailable_reason,  # noqa: E402
                                          teacher_variants, variants_from)
 from benchmarks.timing import Phases, cleanup, release, run_path, run_path_auto  # noqa: E402
 from dmt.flops import device_peak_flops, measure_matmul_flops  # noqa: E402
@@ -175,12 +175,9 @@ def setup_single_process(device):
     import deepspeed
     deepspeed.utils.logger.setLevel(logging.WARNING)
     if "RANK" not in os.environ:
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        from dmt.engine.distributed import free_port
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+                          MASTER_PORT=str(free_port()))
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
@@ -259,7 +256,7 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
             "config": {k: v for k, v in asdict(cfg).items() if k != "notes"},
             "teacher_variants": variants, "teacher_choice": choice,
             "rows": rows, "placement_rows": placement_rows, "profile": profile,
-            "notes": cfg.notes + _notes(cfg, device),
+            "notes": cfg.notes + _notes(cfg, device, matmul_rates),
         }
         write_json(partial, payload)
         if complete:
@@ -271,8 +268,8 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
     if fixed_batch is None and device.type != "cuda":
         raise SystemExit("--micro-batch auto needs a GPU")
 
-    if cfg.teacher_fp8 and fp8_blocker(cfg, device):
-        raise SystemExit(f"--teacher-fp8 on: {fp8_blocker(cfg, device)}")
+    if cfg.teacher_fp8 and fp8_unavailable_reason(cfg, device):
+        raise SystemExit(f"--teacher-fp8 on: {fp8_unavailable_reason(cfg, device)}")
 
     # --- 1. teacher variants (evidence for loop / stacked / compile on this device)
     if cfg.variants_from:
@@ -358,7 +355,7 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
     return out
 
 
-def _notes(cfg: Config, device) -> list[str]:
+def _notes(cfg: Config, device, matmul_rates: dict) -> list[str]:
     notes = ["MFU counts matmul FLOPs only (dmt.flops): student step = 3 x forward, teachers "
              "forward only; nothing is credited for recomputation."]
     if device.type == "cuda":
@@ -370,10 +367,12 @@ def _notes(cfg: Config, device) -> list[str]:
         notes.append("CPU: the peak is a measured fp32 matmul rate, not a data-sheet figure; "
                      "memory is the peak of allocated host bytes (glibc), which includes the "
                      "interpreter and libraries. CPU timings say nothing about GPU speed.")
-        if cfg.reference_precision == "fp32":
-            notes.append("CPU reference runs fp32 without autocast: fp16/bf16 matmuls are "
-                         "~50x slower than fp32 on this CPU (see matmul_rates), so the GPU "
-                         "recipe's fp16 autocast would only measure that.")
+        if cfg.reference_precision == "fp32" and matmul_rates:
+            fp32 = matmul_rates["fp32"]["gflops"]
+            half = max(matmul_rates[k]["gflops"] for k in ("bf16", "fp16"))
+            notes.append(f"CPU reference runs fp32 without autocast: fp16/bf16 matmuls are "
+                         f"{fp32 / half:.0f}x slower than fp32 on this CPU (matmul_rates), so "
+                         "the GPU recipe's fp16 autocast would only measure that.")
     return notes
 
 

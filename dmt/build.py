@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from dmt.choices import DATA_PATH
 from dmt.config import used_teachers
+from dmt.data import DualViewLoader, build_loader
 from dmt.errors import CheckpointError, ConfigError
 from dmt.losses import DistillationLoss
 from dmt.methods import METHODS
@@ -83,6 +85,24 @@ def build_student(cfg: dict, teacher_dim: int) -> Student:
     m = cfg["model"]
     return Student(m["arch"], teacher_dim, adapter=m["adapter"], img_size=m["img_size"],
                    drop_path_rate=m["drop_path_rate"])
+
+
+def uses_sample_images(cfg: dict) -> bool:
+    """data.path null on a backend that reads files: the bundled sample photos (the demo)."""
+    return cfg["data"]["path"] is None and DATA_PATH[cfg["data"]["backend"]] != "count"
+
+
+def build_data(cfg: dict, path, device, rank: int = 0, world_size: int = 1,
+               probe_cache=None) -> DualViewLoader:
+    """The run's dual-view loader for one data shard (`rank` of `world_size`) of `path`,
+    normalised with ImageNet statistics as the teachers expect."""
+    data = cfg["data"]
+    return build_loader(data["backend"], path, cfg["optim"]["micro_batch"],
+                        image_size=cfg["model"]["img_size"], crop_scale=tuple(data["crop_scale"]),
+                        color_jitter=tuple(data["color_jitter"]), seed=cfg["run"]["seed"],
+                        rank=rank, world_size=world_size, device=str(device),
+                        num_workers=data["num_workers"],
+                        probe_cache=data["probe_cache"] if probe_cache is None else probe_cache)
 
 
 def build_method(cfg: dict, student, teachers: TeacherEnsemble):

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from dmt import choices
+from dmt.choices import COMPILE_MODES, DATA_PATH, TEACHER_KINDS, loads_checkpoint
 from dmt.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
@@ -30,21 +32,17 @@ _DECLARED_TYPES: dict[str, tuple[type, ...]] = {
 }
 TEACHER_DEFAULTS = {"name": None, "kind": None, "checkpoint": None,
                     "arch": "vit_base_patch16_224", "weight": 1.0}
-TEACHER_KINDS = ("mae", "mocov3", "ibot", "dino", "timm", "random")
-# torch.compile's modes (torch._inductor.list_mode_options(), "lite" aside), named here so
-# a typo is caught with the rest of the config, not after the teachers are built.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _CHOICES = {
-    "model.adapter": ("linear", "identity", "mlp"),
-    "teacher_runtime.dtype": ("bfloat16", "float16", "float32"),
-    "teacher_runtime.placement": ("colocated", "dedicated"),
-    "teacher_runtime.stack": ("auto", "always", "never"),
-    "teacher_runtime.transfer_dtype": ("bfloat16", "float16", "float32"),
-    "method.name": ("dmt",),
-    "method.distance": ("kl", "mse"),
-    "method.direction": ("student_teacher", "teacher_student"),
-    "method.fusion": ("sum", "mean", "weighted"),
-    "data.backend": ("torch", "dali", "ffcv", "synthetic"),
+    "model.adapter": choices.ADAPTERS,
+    "teacher_runtime.dtype": choices.DTYPES,
+    "teacher_runtime.placement": choices.PLACEMENTS,
+    "teacher_runtime.stack": choices.STACK,
+    "teacher_runtime.transfer_dtype": choices.DTYPES,
+    "method.name": choices.METHODS,
+    "method.distance": choices.DISTANCES,
+    "method.direction": choices.DIRECTIONS,
+    "method.fusion": choices.FUSIONS,
+    "data.backend": choices.BACKENDS,
 }
 
 
@@ -167,6 +165,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
     """Defaults, then the experiment file, then `key=value` overrides; then validation."""
     with open(DEFAULT_CONFIG) as f:
         cfg = _load_yaml(f, str(DEFAULT_CONFIG))
+    defaults = flatten(cfg)
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -185,7 +184,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
         key, value = parse_override(arg)
         _set_dotted(cfg, key, value)
     cfg["teachers"] = _teacher_entries(cfg["teachers"])  # a whole new list may have come in
-    validate_types(cfg)
+    validate(cfg, defaults)
     return cfg
 
 
@@ -240,10 +239,22 @@ def _expected_type(key: str, default: Any) -> tuple[type, ...] | None:
     return (type(default),)
 
 
-def validate_types(cfg: dict) -> None:
-    with open(DEFAULT_CONFIG) as f:
-        defaults = flatten(_load_yaml(f, str(DEFAULT_CONFIG)))
+def validate(cfg: dict, defaults: dict[str, Any]) -> None:
+    """Every check that needs no file, each naming its config key. defaults: the flattened
+    default config, which says every key's type."""
     flat = flatten(cfg)
+    _check_shape(flat, defaults)
+    _check_values(flat, defaults)
+    _check_ranges(flat)
+    _check_run_name(flat["run.name"])
+    _check_data_path(cfg["data"])
+    _check_method_and_runtime(cfg)
+    _check_teacher_entries(cfg)
+    _check_teacher_weights(cfg)
+
+
+def _check_shape(flat: dict, defaults: dict) -> None:
+    """Sections are mappings and leaves single values, as in the defaults."""
     for key in flat:
         if key not in defaults and key != "teachers":
             leaf = next((d for d in defaults if key.startswith(d + ".")), None)
@@ -251,6 +262,10 @@ def validate_types(cfg: dict) -> None:
                 raise ConfigError(f"config key '{leaf}' must be a single value, got a mapping")
             raise ConfigError(f"config section '{key}' must be a mapping of keys, "
                               f"got {flat[key]!r}")
+
+
+def _check_values(flat: dict, defaults: dict) -> None:
+    """Each key's type (the default's, or declared), choices and bounds; the lists' lengths."""
     for key, default in defaults.items():
         if key == "teachers":
             continue
@@ -271,21 +286,26 @@ def validate_types(cfg: dict) -> None:
         value = flat[key]
         if len(value) != length or not all(_type_ok(v, (float, int)) for v in value):
             raise ConfigError(f"config key '{key}' must be a list of {length} numbers, got {value}")
-    _check_ranges(flat)
-    _check_run_name(flat["run.name"])
-    _check_data_path(cfg["data"])
-    bad_terms = [t for t in cfg["method"]["losses"] if t not in ("tfd", "sfd")]
+
+
+def _check_method_and_runtime(cfg: dict) -> None:
+    """The loss terms, and the teacher runtime's settings that go together."""
+    bad_terms = [t for t in cfg["method"]["losses"] if t not in choices.LOSS_TERMS]
     if bad_terms or not cfg["method"]["losses"]:
-        raise ConfigError(f"method.losses must be a non-empty subset of [tfd, sfd], "
-                          f"got {cfg['method']['losses']}")
+        raise ConfigError(f"method.losses must be a non-empty subset of "
+                          f"{list(choices.LOSS_TERMS)}, got {cfg['method']['losses']}")
     runtime = cfg["teacher_runtime"]
     if isinstance(runtime["compile"], str) and runtime["compile"] not in COMPILE_MODES:
         raise ConfigError(f"config key 'teacher_runtime.compile' must be true, false or a "
                           f"torch.compile mode {COMPILE_MODES}, got {runtime['compile']!r}")
-    if runtime["fp8"] and (runtime["dtype"] != "bfloat16" or runtime["stack"] in ("always", True)):
+    if runtime["fp8"] and (runtime["dtype"] != "bfloat16" or runtime["stack"] == "always"):
         raise ConfigError("teacher_runtime.fp8=true needs teacher_runtime.dtype=bfloat16 and "
                           f"stack auto or never, got dtype={runtime['dtype']}, "
                           f"stack={runtime['stack']}")
+
+
+def _check_teacher_entries(cfg: dict) -> None:
+    """Each teacher's fields; unique names, which method.teachers picks from."""
     for i, t in enumerate(cfg["teachers"]):
         for field, types in (("name", (str,)), ("arch", (str,)), ("weight", (float, int)),
                              ("checkpoint", (str, type(None)))):
@@ -293,7 +313,15 @@ def validate_types(cfg: dict) -> None:
                 raise ConfigError(f"teachers[{i}].{field} must be "
                                   f"{' or '.join(x.__name__ for x in types if x is not type(None))}"
                                   f", got {t[field]!r}")
-    _check_teacher_weights(cfg)
+    names = [t["name"] for t in cfg["teachers"]]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"teacher names must be unique, got {names}")
+    chosen = cfg["method"]["teachers"]
+    if chosen is not None:
+        unknown = [n for n in chosen if n not in names]
+        if unknown or not chosen:
+            raise ConfigError(f"method.teachers names {unknown or chosen} not among the "
+                              f"configured teachers {names}")
 
 
 def used_teachers(cfg: dict) -> list[tuple[int, dict]]:
@@ -343,11 +371,11 @@ def _check_ranges(flat: dict) -> None:
 def _check_data_path(data: dict) -> None:
     """synthetic takes a sample count as its path; every other backend a file or folder."""
     path = data["path"]
-    if data["backend"] == "synthetic":
+    if DATA_PATH[data["backend"]] == "count":
         # a quoted count ("100") reads the same, as it always has
         count = int(path) if isinstance(path, str) and path.isdigit() else path
         if count is not None and (not _type_ok(count, (int,)) or count < 1):
-            raise ConfigError(f"config key 'data.path' of backend synthetic is a sample count: "
+            raise ConfigError(f"config key 'data.path' of backend {data['backend']} is a sample count: "
                               f"a positive integer, or null for ImageNet's 1,281,167; "
                               f"got {path!r}")
     elif path is not None and not isinstance(path, str):
@@ -385,36 +413,26 @@ def _batch_hint(global_batch: int, micro_batch: int, data_parallel: int) -> str:
 def student_ranks(cfg: dict, world_size: int) -> int:
     """Data-parallel student ranks: the world less the dedicated teacher ranks."""
     runtime = cfg["teacher_runtime"]
-    if runtime["placement"] == "colocated" and runtime["teacher_ranks"]:
-        raise ConfigError("teacher_runtime.teacher_ranks must be 0 with placement 'colocated' "
-                          "(set teacher_runtime.placement=dedicated)")
-    if runtime["placement"] == "dedicated":
-        if runtime["teacher_ranks"] < 1:
-            raise ConfigError("placement 'dedicated' needs teacher_runtime.teacher_ranks >= 1")
-        if 2 * runtime["teacher_ranks"] > world_size:
-            raise ConfigError(f"teacher_runtime.teacher_ranks={runtime['teacher_ranks']} of "
-                              f"{world_size} rank(s) leaves too few student ranks: every "
-                              "teacher rank serves at least one student rank")
-    return world_size - runtime["teacher_ranks"]
+    if runtime["placement"] == "colocated":
+        if runtime["teacher_ranks"]:
+            raise ConfigError("teacher_runtime.teacher_ranks must be 0 with placement "
+                              "'colocated' (set teacher_runtime.placement=dedicated)")
+        return world_size
+    if runtime["teacher_ranks"] < 1:
+        raise ConfigError("placement 'dedicated' needs teacher_runtime.teacher_ranks >= 1")
+    from dmt.placement.layout import RankLayout
+    try:  # the placement's own rule
+        return RankLayout(world_size, runtime["teacher_ranks"]).num_students
+    except ConfigError as err:
+        raise ConfigError(f"teacher_runtime.{err}") from None
 
 
-def check_files(cfg: dict, repo_root: Path | None = None) -> None:
-    """The files a run needs exist: teacher checkpoints, DeepSpeed config, data path."""
+def check_files(cfg: dict) -> None:
+    """What a run needs beyond a valid config: teachers, their checkpoint files, and its
+    data. (The DeepSpeed file is read and checked by dmt.engine.ds_config.)"""
     if not cfg["teachers"]:
         raise ConfigError("no teachers configured: add at least one entry under 'teachers'")
-    names = [t["name"] for t in cfg["teachers"]]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"teacher names must be unique, got {names}")
-    chosen = cfg["method"]["teachers"]
-    if chosen is not None:
-        unknown = [n for n in chosen if n not in names]
-        if unknown or not chosen:
-            raise ConfigError(f"method.teachers names {unknown or chosen} not among the "
-                              f"configured teachers {names}")
     _check_teacher_checkpoints(cfg)
-    ds = resolve_path(cfg["deepspeed"]["config"], repo_root)
-    if not ds.is_file():
-        raise ConfigError(f"deepspeed.config file not found: {cfg['deepspeed']['config']}")
     _check_data_files(cfg["data"])
 
 
@@ -423,7 +441,7 @@ def _check_teacher_checkpoints(cfg: dict) -> None:
     Teachers left out of method.teachers are never loaded (dmt.build), so not checked."""
     missing = []
     for i, t in used_teachers(cfg):
-        if t["kind"] == "random":
+        if not loads_checkpoint(t):
             continue
         if not t["checkpoint"]:
             missing.append(f"teachers[{i}] ('{t['name']}', kind {t['kind']}) has no checkpoint")
@@ -436,14 +454,14 @@ def _check_teacher_checkpoints(cfg: dict) -> None:
 
 def _check_data_files(data: dict) -> None:
     path = data["path"]
-    if data["backend"] == "synthetic":
-        return  # path is a sample count, checked by validate_types
+    if DATA_PATH[data["backend"]] == "count":
+        return  # checked by validate
     if path is None and data["sample_images"] <= 0:
         raise ConfigError("data.path is not set (or set data.sample_images to train on the "
                           "bundled sample photos)")
     if path is not None and not Path(path).exists():
         raise ConfigError(f"data.path does not exist: {path}")
-    if data["backend"] == "ffcv" and path is not None and Path(path).is_dir():
+    if DATA_PATH[data["backend"]] == "file" and path is not None and Path(path).is_dir():
         raise ConfigError(f"data.path {path} is a folder; backend ffcv reads a .beton file: "
                           f"write one with python launch/make_beton.py {path} OUT.beton")
 

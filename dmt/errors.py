@@ -15,3 +15,29 @@ class CheckpointError(DMTError):
 
 class DataError(DMTError):
     """The data source is missing, empty or unusable."""
+
+
+class StorageError(DMTError):
+    """A file dmt writes could not be written: a full disk, a read-only folder, a quota."""
+
+
+def storage_error(path, err: BaseException, what: str = "") -> StorageError:
+    """One line for a failed write of `path`: the system's reason and the space left there
+    (torch.save reports a full disk only as "unexpected pos ...")."""
+    import shutil
+    from pathlib import Path
+
+    if isinstance(err, OSError) and err.strerror:
+        reason = err.strerror
+    elif "unexpected pos" in str(err):  # torch's zip writer, when a write comes up short
+        reason = "the file was cut short: a full disk, a quota or a file-size limit"
+    else:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        reason += f"; {shutil.disk_usage(where).free / 2**20:.0f} MiB free on its disk"
+    except OSError:
+        pass
+    return StorageError(f"cannot write {what + ' ' if what else ''}{path} ({reason})")

@@ -74,10 +74,10 @@ def vit_shape_of(model: nn.Module) -> ViTShape:
 
 def vit_shape(arch: str, img_size: int = 224) -> ViTShape:
     """Shape of a timm architecture by name, built on the meta device (no memory, no time)."""
-    import timm  # late: `import dmt` must run before timm loads
+    from dmt.models.vit import create_vit  # late: flops is used without the models
 
     with torch.device("meta"):
-        model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size)
+        model = create_vit(arch, img_size, check_tiling=False)
     return vit_shape_of(model)
 
 

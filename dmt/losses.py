@@ -11,10 +11,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-DIRECTIONS = ("student_teacher", "teacher_student")
-DISTANCES = ("kl", "mse")
-FUSIONS = ("sum", "mean", "weighted")
-TERMS = ("tfd", "sfd")
+from dmt.choices import DIRECTIONS, DISTANCES, FUSIONS
+from dmt.choices import LOSS_TERMS as TERMS
 
 
 def fuse_teachers(tokens: Sequence[torch.Tensor], mode: str = "sum",
@@ -45,6 +43,15 @@ def _kl(logits_p: torch.Tensor, logits_q: torch.Tensor, dim: int) -> torch.Tenso
     log_p = F.log_softmax(logits_p.float(), dim=dim)
     log_q = F.log_softmax(logits_q.float(), dim=dim)
     return (log_p.exp() * (log_p - log_q)).sum(dim)
+
+
+def target_error(reference: torch.Tensor, approx: torch.Tensor) -> dict[str, float]:
+    """How far approximate fused targets (FP8 teachers, say) are from the reference ones:
+    as the TFD term sees them, KL(reference || approx) of the per-token channel softmaxes
+    in nats per token, and as numbers, the relative Frobenius error."""
+    reference, approx = reference.float(), approx.float()
+    return {"target_kl": _kl(reference, approx, dim=-1).mean().item(),
+            "target_rel_error": ((approx - reference).norm() / reference.norm()).item()}
 
 
 def _divergence(student: torch.Tensor, teacher: torch.Tensor, dim: int, direction: str,

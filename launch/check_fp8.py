@@ -24,27 +24,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dmt  # noqa: E402,F401
 import torch  # noqa: E402
 
-from dmt.build import build_method, build_student, build_teachers, check_models  # noqa: E402
+from dmt.build import (build_data, build_method, build_student, build_teachers,  # noqa: E402
+                       check_models, uses_sample_images)
 from dmt.config import check_files, load_config  # noqa: E402
-from dmt.data import build_loader, write_sample_images  # noqa: E402
+from dmt.data import write_sample_images  # noqa: E402
 from dmt.errors import DMTError  # noqa: E402
+from dmt.losses import target_error  # noqa: E402
 from dmt.models.fast import optimize_teachers  # noqa: E402
 
 
-def target_error(reference: torch.Tensor, approx: torch.Tensor) -> dict:
-    """KL(reference || approx) of the per-token channel softmaxes (nats per token, what
-    the TFD term sees) and the relative Frobenius error of the fused targets."""
-    p, q = reference.float().log_softmax(-1), approx.float().log_softmax(-1)
-    return {"target_kl": (p.exp() * (p - q)).sum(-1).mean().item(),
-            "target_rel_error": ((approx.float() - reference.float()).norm()
-                                 / reference.float().norm()).item()}
-
-
 def _data_path(cfg: dict, scratch: Path) -> str | None:
-    data = cfg["data"]
-    if data["path"] is not None or data["backend"] == "synthetic":
-        return data["path"]
-    write_sample_images(scratch, num_images=data["sample_images"], seed=cfg["run"]["seed"])
+    if not uses_sample_images(cfg):
+        return cfg["data"]["path"]
+    write_sample_images(scratch, num_images=cfg["data"]["sample_images"], seed=cfg["run"]["seed"])
     return str(scratch)
 
 
@@ -55,12 +47,7 @@ def check(cfg: dict, batches: int, device: torch.device) -> dict:
     method = build_method(cfg, build_student(cfg, bf16.embed_dim).to(device), bf16)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        loader = build_loader(cfg["data"]["backend"], _data_path(cfg, Path(scratch)),
-                              cfg["optim"]["micro_batch"], image_size=cfg["model"]["img_size"],
-                              crop_scale=tuple(cfg["data"]["crop_scale"]),
-                              color_jitter=tuple(cfg["data"]["color_jitter"]),
-                              seed=cfg["run"]["seed"], device=str(device),
-                              num_workers=cfg["data"]["num_workers"], probe_cache="off")
+        loader = build_data(cfg, _data_path(cfg, Path(scratch)), device, probe_cache="off")
         for i, batch in enumerate(loader):
             if i == batches:
                 break

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.deepspeed_config:
             cfg["deepspeed"]["config"] = args.deepspeed_config
-        check_files(cfg, Path(__file__).resolve().parents[1])
+        check_files(cfg)
         from dmt.build import check_models
         check_models(cfg)
         from dmt.engine.distributed import launched_world_size, setup_distributed, teardown
@@ -81,7 +81,8 @@ def main(argv=None) -> int:
         accum = batch_arithmetic(cfg["optim"]["global_batch"], cfg["optim"]["micro_batch"],
                                  student_ranks(cfg, launched_world_size()))
 
-        from dmt.engine.trainer import deepspeed_config, train
+        from dmt.engine.ds_config import deepspeed_config
+        from dmt.engine.trainer import train
 
         deepspeed_config(cfg, accum)  # a broken or refused DeepSpeed file, before start-up
         info = setup_distributed()

@@ -177,9 +177,9 @@ def _synthetic(*overrides):
 def test_synthetic_sample_count_passes_every_check():
     cfg = _synthetic("data.path=100")
     assert cfg["data"]["path"] == 100
-    check_files(cfg, REPO)  # no file named "100" is looked for
+    check_files(cfg)  # no file named "100" is looked for
     assert _synthetic("data.path=null")["data"]["path"] is None
-    check_files(_synthetic("data.path='100'"), REPO)  # quoted, as configs wrote it before
+    check_files(_synthetic("data.path='100'"))  # quoted, as configs wrote it before
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "'-5'", "'1e3'", "true", "2.5"])
@@ -222,10 +222,10 @@ def test_only_the_selected_teachers_need_checkpoints(tmp_path):
     cfg = load_config(REPO / "configs" / "dmt_vit_small.yaml",
                       ["method.teachers=[mae, ibot]", f"teachers.0.checkpoint={mae}",
                        f"teachers.2.checkpoint={ibot}", f"data.path={tmp_path}"])
-    check_files(cfg, REPO)  # the unused mocov3 checkpoint is not looked for
+    check_files(cfg)  # the unused mocov3 checkpoint is not looked for
     ibot.unlink()
     with pytest.raises(ConfigError, match="ibot.pth") as err:
-        check_files(cfg, REPO)
+        check_files(cfg)
     assert "vit-b-300ep" not in str(err.value)
 
 
@@ -233,7 +233,7 @@ def test_every_missing_teacher_checkpoint_is_named_at_once(tmp_path):
     cfg = load_config(REPO / "configs" / "dmt_vit_small.yaml",
                       [f"data.path={tmp_path}", "teachers.1.checkpoint=null"])
     with pytest.raises(ConfigError) as err:
-        check_files(cfg, REPO)
+        check_files(cfg)
     message = str(err.value)
     assert "teachers[0] ('mae'): checkpoint file not found: checkpoints/mae_pretrain_vit_base.pth" in message
     assert "teachers[1] ('mocov3', kind mocov3) has no checkpoint" in message
@@ -352,7 +352,7 @@ def test_ffcv_given_a_folder_says_it_needs_a_beton(tmp_path):
     cfg = load_config(REPO / "configs" / "demo.yaml",
                       ["data.backend=ffcv", f"data.path={tmp_path}"])
     with pytest.raises(ConfigError, match=r"is a folder.*\.beton.*launch/make_beton\.py"):
-        check_files(cfg, REPO)
+        check_files(cfg)
 
 
 def test_loader_benchmark_reports_a_data_error_in_one_line(tmp_path, capsys):
@@ -413,3 +413,109 @@ def test_a_truncated_teacher_checkpoint_is_named_in_one_line(tmp_path):
         read_checkpoint_file(cut)
     assert "\n" not in str(err.value)
     assert read_checkpoint_file(whole)["w"].sum().item() == 64 * 64
+
+
+def test_every_config_choice_is_implemented():
+    """dmt/choices.py is what the config accepts: each value must build for real."""
+    from dmt import choices
+    from dmt.build import DTYPES
+    from dmt.data import BACKENDS
+    from dmt.losses import DistillationLoss, fuse_teachers
+    from dmt.methods import METHODS
+    from dmt.models import CHECKPOINT_FORMATS
+    from dmt.models.fast import STACK_CHOICES
+    from dmt.models.student import build_adapter
+    from dmt.placement import build_placement
+
+    assert set(BACKENDS) == set(choices.BACKENDS) == set(choices.DATA_PATH)
+    assert set(METHODS) == set(choices.METHODS)
+    assert set(DTYPES) == set(choices.DTYPES)
+    assert set(CHECKPOINT_FORMATS) | {"random"} == set(choices.TEACHER_KINDS)
+    assert set(choices.STACK) <= set(STACK_CHOICES)
+    tokens = [torch.randn(2, 5, 8), torch.randn(2, 5, 8)]
+    for fusion in choices.FUSIONS:
+        assert fuse_teachers(tokens, fusion, [1.0, 2.0]).shape == (2, 5, 8)
+    for distance in choices.DISTANCES:
+        for direction in choices.DIRECTIONS:
+            loss = DistillationLoss(choices.LOSS_TERMS, distance, direction)
+            assert torch.isfinite(loss(tokens[0], tokens[1])["loss"])
+    for adapter in choices.ADAPTERS:
+        assert build_adapter(adapter, 8, 8)(tokens[0]).shape == (2, 5, 8)
+    for placement in choices.PLACEMENTS:
+        try:
+            built = build_placement(placement, int(placement != "colocated"), method=object())
+            assert built.kind == placement
+        except ConfigError as err:  # dedicated needs a process group: known, just not here
+            assert "unknown placement" not in str(err) and "initialised" in str(err)
+
+
+@pytest.mark.parametrize("placement, teacher_ranks, world, expected", [
+    ("colocated", 0, 4, 4),
+    ("dedicated", 1, 2, 1),
+    ("dedicated", 1, 3, 2),
+    ("dedicated", 2, 4, 2),
+    ("dedicated", 3, 4, "teacher_runtime.teacher_ranks=3 of world size 4 leaves 1"),
+    ("dedicated", 0, 4, "needs teacher_runtime.teacher_ranks >= 1"),
+    ("colocated", 1, 4, "teacher_ranks must be 0 with placement 'colocated'"),
+])
+def test_student_ranks_follow_the_placement_rule(placement, teacher_ranks, world, expected):
+    from dmt.config import student_ranks
+    cfg = load_config(None, [f"teacher_runtime.placement={placement}",
+                             f"teacher_runtime.teacher_ranks={teacher_ranks}"])
+    if isinstance(expected, int):
+        assert student_ranks(cfg, world) == expected
+    else:
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            student_ranks(cfg, world)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["teachers=[{kind: random}, {kind: random}]"], r"teacher names must be unique, got "
+     r"\['random', 'random'\]"),
+    (["teachers=[{kind: random, name: a}]", "method.teachers=[a, b]"],
+     r"method.teachers names \['b'\] not among the configured teachers \['a'\]"),
+    (["teachers=[{kind: random, name: a}]", "method.teachers=[]"],
+     r"method.teachers names \[\] not among"),
+])
+def test_teacher_names_are_checked_with_the_config(overrides, message):
+    """No file is needed to see these: they fail at load time, before any other check."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_override_values_may_hold_an_equals_sign():
+    from dmt.config import parse_override
+    assert parse_override("data.path=/data/a=b") == ("data.path", "/data/a=b")
+
+
+def test_a_crop_scale_of_whole_images_is_valid():
+    assert load_config(None, ["data.crop_scale=[1.0, 1.0]"])["data"]["crop_scale"] == [1.0, 1.0]
+
+
+def test_weighted_fusion_gives_each_chosen_teacher_its_own_weight():
+    """method.teachers may leave out an earlier teacher: the weights follow the names."""
+    from dmt.build import build_method, build_student, build_teachers
+    cfg = load_config(None, ["teachers=[{kind: random, name: a, weight: 1.0, arch: "
+                             "vit_tiny_patch16_224}, {kind: random, name: b, weight: 2.0, arch: "
+                             "vit_tiny_patch16_224}, {kind: random, name: c, weight: 3.0, arch: "
+                             "vit_tiny_patch16_224}]", "method.teachers=[c, b]",
+                             "method.fusion=weighted", "model.img_size=32",
+                             "model.arch=vit_tiny_patch16_224", "teacher_runtime.dtype=float32"])
+    teachers = build_teachers(cfg, torch.device("cpu"), warn=lambda message: None)
+    method = build_method(cfg, build_student(cfg, teachers.embed_dim), teachers)
+    assert dict(zip(teachers.names, method.weights)) == {"b": 2.0, "c": 3.0}
+
+
+def test_a_resume_with_other_teacher_weights_is_refused_only_where_they_count(tmp_path):
+    from dmt.engine.checkpoint import check_compatible
+    from dmt.errors import CheckpointError
+    for fusion, refused in (("weighted", True), ("sum", False)):
+        saved = load_config(None, ["teachers=[{kind: random, weight: 1.0}]",
+                                   f"method.fusion={fusion}"])
+        now = load_config(None, ["teachers=[{kind: random, weight: 2.0}]",
+                                 f"method.fusion={fusion}"])
+        if refused:
+            with pytest.raises(CheckpointError, match=r"teachers \(name, kind, arch, weight\)"):
+                check_compatible(saved, now, tmp_path)
+        else:
+            check_compatible(saved, now, tmp_path)

@@ -183,3 +183,47 @@ def test_make_views_flip_both_views_and_normalise():
     assert torch.allclose(teacher, (expected - mean) / std, atol=1e-5)
     assert torch.allclose(normalize(expected, (0, 0, 0), (1, 1, 1)), expected)
     assert 0 < mirrored.sum() < 64
+
+
+# --- augmentation parameters: (seed, epoch, index), independent streams ---------------
+
+def test_flips_and_jitter_change_from_epoch_to_epoch():
+    """DESIGN: every random parameter is a function of (seed, epoch, index); a sample
+    seen again in another epoch gets a new flip and new colour factors."""
+    spec, idx = ViewSpec(), np.arange(2000)
+    assert 0.4 < np.mean(flips(spec, 0, idx) != flips(spec, 1, idx)) < 0.6  # ~half differ
+    a, b = jitter_factors(spec, 0, idx), jitter_factors(spec, 1, idx)
+    assert np.mean(a == b) < 0.001
+
+
+def test_brightness_contrast_and_saturation_are_drawn_independently():
+    factors = jitter_factors(ViewSpec(), 0, np.arange(4000))
+    corr = np.corrcoef(factors.T)
+    assert np.abs(corr[np.triu_indices(3, 1)]).max() < 0.1, corr
+
+
+def test_crop_positions_reach_every_edge_and_the_fallback_is_centred():
+    """torchvision draws top in [0, H - h] inclusive; the fallback of a very tall image
+    (no try fits its aspect range) is centred vertically, as torchvision's."""
+    spec = ViewSpec(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    boxes = crop_boxes(spec, 0, np.arange(400), [11] * 400, [10] * 400)  # 10 x 10 crops
+    assert set(boxes[:, 0]) == {0, 1} and set(boxes[:, 2]) == {10}
+    tall = crop_boxes(ViewSpec(), 0, [0, 1, 2], [1000] * 3, [10] * 3)
+    assert (tall[:, 0] == (1000 - tall[:, 2]) // 2).all() and (tall[:, 0] > 0).all()
+
+
+# --- sharding: a global step holds the same samples on any number of ranks ------------
+
+@pytest.mark.parametrize("epoch", [0, 3])
+def test_a_global_step_holds_the_same_samples_whatever_the_rank_count(epoch):
+    """A run without ZeRO may resume on another number of ranks: step k must consume the
+    same samples, split otherwise (rank r takes every world_size-th of the order)."""
+    global_batch = 8
+
+    def step_samples(world):
+        plans = [ShardedEpochs(96, global_batch // world, seed=5, rank=r, world_size=world)
+                 for r in range(world)]
+        return [sorted(np.concatenate([p.rank_batches(epoch)[k] for p in plans]).tolist())
+                for k in range(plans[0].num_batches)]
+
+    assert step_samples(1) == step_samples(2) == step_samples(4)

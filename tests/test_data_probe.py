@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import threading
 import time
 from datetime import timedelta
@@ -18,6 +17,7 @@ from dmt.config import load_config
 from dmt.data import build_loader, probe, write_sample_images
 from dmt.data.folder import scan_image_folder
 from dmt.errors import ConfigError, DataError
+from engine_utils import free_port
 
 BAD = ("truncated.jpg", "empty.jpg")
 
@@ -251,12 +251,6 @@ def test_dali_loader_uses_the_cache(folder, monkeypatch):
 
 # --- two gloo processes ---
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, folder, out_dir):
     import torch.distributed as dist
 
@@ -290,7 +284,7 @@ def test_two_gloo_ranks_split_the_probe_and_agree(tmp_path):
 
     folder = _make_folder(tmp_path / "images")
     single = run(folder, "off")  # the one-process result to match
-    mp.start_processes(_worker, args=(2, _free_port(), str(folder), str(tmp_path)), nprocs=2,
+    mp.start_processes(_worker, args=(2, free_port(), str(folder), str(tmp_path)), nprocs=2,
                        start_method="spawn", join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     files = scan_image_folder(folder).files
@@ -332,7 +326,7 @@ def test_a_folder_missing_on_one_rank_fails_every_rank_at_once(tmp_path):
 
     paths = [str(_make_folder(tmp_path / "images")), str(tmp_path / "missing")]
     spawn = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     workers = [spawn.Process(target=_missing_worker, args=(r, 2, port, paths, str(tmp_path)))
                for r in range(2)]
     for worker in workers:

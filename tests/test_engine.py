@@ -609,7 +609,7 @@ def test_the_run_lock_is_released_however_training_ends(tmp_path, images, monkey
     # A run directory that cannot be made is one message (on every rank), not a traceback.
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(ConfigError, match=f"cannot create the run directory {blocker}/x"):
+    with pytest.raises(ConfigError, match=f"cannot write in the run directory {blocker}/x"):
         trainer._lock_run(blocker / "x", info)
 
 
@@ -626,3 +626,23 @@ def test_resume_with_a_run_directory_takes_its_newest_checkpoint_without_pointer
     assert find_checkpoint(str(run), run).name == "step00000004"
     (run / "checkpoints" / "latest").write_text("step00000002")  # the pointer rules
     assert find_checkpoint(str(run), run).name == "step00000002"
+
+
+def test_gradient_accumulation_trains_like_one_big_micro_batch(tmp_path, fixed_images):
+    """Global batch 8 as one micro-batch of 8, or as 2 accumulated micro-batches of 4: the
+    same samples, so the same logged losses (the terms are averaged over micro-batches,
+    the gradients too) and the same training, clipping on."""
+    losses = {}
+    for micro in (8, 4):
+        cfg = tiny_config(tmp_path, fixed_images, name=f"micro{micro}",
+                          run={"epochs": 3, "checkpoint_every": 100, "export": False},
+                          optim={"global_batch": 8, "micro_batch": micro, "lr": 1e-3,
+                                 "warmup_epochs": 0, "clip_grad": 0.05})
+        check(run_pretrain(cfg))
+        losses[micro] = [(r["loss"], r["tfd"], r["sfd"])
+                         for r in metrics(tmp_path / "runs" / f"micro{micro}")]
+    assert len(losses[8]) == len(losses[4]) == 3
+    assert losses[4][0] == pytest.approx(losses[8][0], rel=1e-5)  # before any update
+    for one, two in zip(losses[8][1:], losses[4][1:]):
+        assert two == pytest.approx(one, rel=1e-3)
+    assert losses[8][2][0] != pytest.approx(losses[8][0][0], rel=1e-3)  # it did train

@@ -73,3 +73,38 @@ def test_device_peaks_are_stated():
     from dmt import flops
     measured = flops.device_peak_flops("cpu", torch.float32, measure_if_unknown=True)
     assert measured.flops > 1e8 and measured.source.startswith("measured")
+
+
+def test_register_tokens_and_mixed_teachers_are_counted_as_such():
+    # 5 tokens of which 4 prefix (class + 3 registers): one patch goes through the
+    # patch embedding; every token through the blocks.
+    per_block = (8 + 4 * 2) * 5 * 16 + 4 * 25 * 4
+    assert vit_forward_flops(1, 4, 2.0, 5, 1, num_prefix_tokens=4) == per_block + 2 * 1 * 3 * 4
+    small, base = vit_shape("vit_small_patch16_224"), vit_shape("vit_base_patch16_224")
+    step = dmt_step_flops(small, [base, small])
+    assert step["teachers"] == shape_flops(base) + shape_flops(small)
+    assert step["student"] == 3 * shape_flops(small)
+
+
+def test_measured_matmul_rate_is_two_flops_per_multiply_add(monkeypatch):
+    """A size^3 multiply-adds matmul is 2 size^3 FLOPs; with a clock that advances 0.5 s
+    per reading, each burst is one matmul in 0.5 s."""
+    from dmt import flops
+    clock = iter(range(10**6))
+    monkeypatch.setattr(flops.time, "perf_counter", lambda: 0.5 * next(clock))
+    rate, size = flops.measure_matmul_flops("cpu", torch.float32, size=64, repeats=2,
+                                            min_seconds=0.1)
+    assert (rate, size) == (2 * 64**3 / 0.5, 64)
+
+
+def test_fp32_on_a_gpu_with_tf32_is_measured_against_the_tf32_peak(monkeypatch):
+    from dmt import flops
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    matmul, before = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+    try:  # a property of torch's cuBLAS module: monkeypatch cannot undo it
+        h100 = dict(PEAK_TABLE)["H100"]
+        for tf32, key in ((True, "tf32"), (False, "fp32")):
+            matmul.allow_tf32 = tf32
+            assert flops.device_peak_flops("cuda", torch.float32).flops == h100[key]
+    finally:
+        matmul.allow_tf32 = before

@@ -210,7 +210,8 @@ def test_check_fp8_tool_reports_target_error_on_the_configured_data(tmp_path, ca
     import json
     import sys
     sys.path.insert(0, str(REPO / "launch"))
-    from check_fp8 import main, target_error
+    from check_fp8 import main
+    from dmt.losses import target_error
     from dmt.data import write_sample_images
 
     same = torch.randn(2, 5, 16)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dmt.losses import DistillationLoss, fuse_teachers, sfd_loss, tfd_loss
+from dmt.losses import DistillationLoss, fuse_teachers, sfd_loss, target_error, tfd_loss
 
 # ---------------------------------------------------------------- loop references
 
@@ -328,3 +328,25 @@ def test_kl_matches_torch_kl_div():
     sfd = F.kl_div(lt, ls, log_target=True, reduction="none").sum(1).mean()
     assert tfd_loss(s, t).item() == pytest.approx(tfd.item(), **REL)
     assert sfd_loss(s, t).item() == pytest.approx(sfd.item(), **REL)
+
+
+def test_target_error_against_a_float64_loop():
+    """KL(reference || approx) per token over channels, averaged over tokens; and the
+    relative Frobenius error, both computed element by element in float64."""
+    torch.manual_seed(3)
+    reference = torch.randn(2, 3, 5)
+    approx = (reference + 0.3 * torch.randn(2, 3, 5)).to(torch.bfloat16)  # any dtype
+    kls, diff2, ref2 = [], 0.0, 0.0
+    for b in range(2):
+        for t in range(3):
+            r = [float(v) for v in reference[b, t]]
+            a = [float(v) for v in approx[b, t]]
+            zr, za = sum(math.exp(v) for v in r), sum(math.exp(v) for v in a)
+            kls.append(sum(math.exp(x) / zr * ((x - math.log(zr)) - (y - math.log(za)))
+                           for x, y in zip(r, a)))
+            diff2 += sum((y - x) ** 2 for x, y in zip(r, a))
+            ref2 += sum(x * x for x in r)
+    got = target_error(reference, approx)
+    assert got["target_kl"] == pytest.approx(sum(kls) / len(kls), rel=1e-4)
+    assert got["target_rel_error"] == pytest.approx(math.sqrt(diff2 / ref2), rel=1e-4)
+    assert target_error(reference, reference) == {"target_kl": 0.0, "target_rel_error": 0.0}

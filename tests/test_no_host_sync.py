@@ -49,7 +49,7 @@ def _student(wire: _Wire, device, bufs) -> DedicatedStudent:
     student = DedicatedStudent.__new__(DedicatedStudent)
     student.rank, student.teacher, student.wire = 0, 1, wire
     student.device = student.comm_device = torch.device(device)
-    student.check_every, student._steps = 100, 0
+    student.check_every, student._received = 100, 0
     student._mismatch = torch.zeros((), dtype=torch.int64, device=device)
     student._pending = deque((buf, _Done()) for buf in bufs)
     student._post = lambda: None
@@ -208,7 +208,7 @@ def _engine_sync_worker(rank, port, out_dir):
     from deepspeed.accelerator import get_accelerator
 
     from dmt.config import load_config
-    from dmt.engine.trainer import REPO_ROOT, deepspeed_config
+    from dmt.engine.ds_config import REPO_ROOT, deepspeed_config
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -252,3 +252,20 @@ def test_deepspeed_engine_steps_do_not_synchronise(tmp_path):
     mp.start_processes(_engine_sync_worker, args=(free_port(), str(tmp_path)), nprocs=1,
                        start_method="spawn", join=True)
     assert json.loads((tmp_path / "syncs.json").read_text()) == {"cpu_fp32": 0, "zero2_bf16": 0}
+
+
+def test_close_reports_a_mismatch_of_the_last_unchecked_batches():
+    """On GPUs the indices are compared every 100 batches: the last few are checked when
+    the stream closes, or a mismatch there would never be reported."""
+    from dmt.placement.dedicated import END, TargetsMismatchError
+    wire = _Wire(batch=2, tokens=1, dim=1, dtype=torch.float32)
+    teacher = _teacher(wire, "cpu")
+    sent = teacher._pack(torch.zeros(2, 1, 1), torch.tensor([1, 2]))
+    end = wire.empty(torch.device("cpu"))
+    wire.indices(end).fill_(PAD)
+    wire.indices(end)[0] = END
+    student = _student(wire, "cpu", [sent, end])  # checks every 100 batches
+    student._ended = False
+    student.targets({"student": torch.zeros(2), "index": torch.tensor([1, 5])})  # not checked
+    with pytest.raises(TargetsMismatchError, match="belong to other images"):
+        student.close()

@@ -54,7 +54,7 @@ def test_paper_configs_hold_the_recipe(size):
     assert cfg["run"]["epochs"] == 300 and cfg["method"]["fusion"] == "sum"
     # The checkpoints are not shipped: the check names the first missing file.
     with pytest.raises(ConfigError, match="mae_pretrain_vit_base.pth"):
-        check_files(cfg, REPO)
+        check_files(cfg)
 
 
 def test_batch_arithmetic():
@@ -87,7 +87,7 @@ def test_overrides_types_and_lists(tmp_path):
 
 
 def test_deepspeed_config_takes_batch_arithmetic_and_clipping_from_the_yaml(tmp_path):
-    from dmt.engine.trainer import deepspeed_config
+    from dmt.engine.ds_config import deepspeed_config
 
     cfg = load_config(REPO / "configs" / "dmt_vit_small.yaml", ["optim.clip_grad=3.0"])
     ds = deepspeed_config(cfg, accum=2)
@@ -110,6 +110,10 @@ def test_deepspeed_config_takes_batch_arithmetic_and_clipping_from_the_yaml(tmp_
         own.write_text("{" + section + "}")
         with pytest.raises(ConfigError, match=f"does not support {key}"):
             deepspeed_config(cfg, accum=2)
+    cfg["deepspeed"]["config"] = str(tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match=f"deepspeed.config file not found: {tmp_path}/missing"):
+        deepspeed_config(cfg, accum=2)
+    cfg["deepspeed"]["config"] = str(own)
     own.write_text('{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}}')
     assert deepspeed_config(cfg, accum=2)["zero_optimization"]["stage"] == 2
     for broken, message in [('{"train_batch_size": ', "is not valid JSON"),
@@ -120,7 +124,7 @@ def test_deepspeed_config_takes_batch_arithmetic_and_clipping_from_the_yaml(tmp_
 
 
 def test_deepspeed_config_refuses_what_contradicts_the_yaml(tmp_path, monkeypatch):
-    from dmt.engine.trainer import deepspeed_config
+    from dmt.engine.ds_config import deepspeed_config
 
     cfg = load_config(REPO / "configs" / "dmt_vit_small.yaml")  # 4096 = 256 x 2 x 8 ranks
     own = tmp_path / "own.json"
@@ -146,12 +150,12 @@ def test_deepspeed_config_refuses_what_contradicts_the_yaml(tmp_path, monkeypatc
 ])
 def test_overlap_comm_only_with_several_gpu_ranks(global_batch, accum, cuda, overlap,
                                                   monkeypatch):
-    from dmt.engine import trainer
+    from dmt.engine import ds_config
 
-    monkeypatch.setattr(trainer.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(ds_config.torch.cuda, "is_available", lambda: cuda)
     cfg = load_config(REPO / "configs" / "dmt_vit_small.yaml",
                       [f"optim.global_batch={global_batch}"])  # micro-batch 256
-    ds = trainer.deepspeed_config(cfg, accum=accum)
+    ds = ds_config.deepspeed_config(cfg, accum=accum)
     assert ds["zero_optimization"]["overlap_comm"] is overlap
 
 

@@ -3,7 +3,6 @@
 save and load checkpoints while the teacher rank serves."""
 import json
 import os
-import socket
 from datetime import timedelta
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 
 from dmt.errors import ConfigError
 from dmt.placement import RankLayout
+from engine_utils import free_port
 
 STEPS = 4
 MICRO_BATCH = 4
@@ -20,7 +20,8 @@ CKPT_STEP = 2
 
 def test_rank_layout():
     layout = RankLayout(world_size=5, teacher_ranks=2)
-    assert layout.student_ranks == [0, 1, 2] and layout.teacher_ranks_list == [3, 4]
+    assert layout.student_ranks == [0, 1, 2]
+    assert [r for r in range(5) if layout.is_teacher(r)] == [3, 4]
     assert [layout.teacher_of(s) for s in range(3)] == [3, 4, 3]
     assert layout.students_of(3) == [0, 2] and layout.students_of(4) == [1]
     assert layout.is_teacher(4) and not layout.is_teacher(0)
@@ -95,8 +96,8 @@ def _session(rank, kind, teacher_ranks, transfer, teachers, out_dir, checkpoint)
     if placement.role == "teacher":
         batches = {s: [_batch(r, w, i) for i in range(STEPS)]
                    for s, (r, w) in zip(placement.students, placement.data_shards)}
-        placement.serve(batches, steps=STEPS,
-                        on_step=lambda i: placement.join_checkpoint(tag)
+        placement.serve(batches, micro_batches=STEPS,
+                        after_each=lambda i: placement.join_checkpoint(tag)
                         if checkpoint and i == CKPT_STEP else None)
         return
     ds_config = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": 1,
@@ -114,7 +115,7 @@ def _session(rank, kind, teacher_ranks, transfer, teachers, out_dir, checkpoint)
         engine.step()
         losses.append(out["loss"].item())
         if kind == "dedicated" and checkpoint and step + 1 == CKPT_STEP:
-            engine.save_checkpoint(ckpt_dir, tag=tag)  # the teacher joins via on_step
+            engine.save_checkpoint(ckpt_dir, tag=tag)  # the teacher joins via after_each
             saved = [p.detach().clone() for p in engine.module.parameters()]
     placement.close()
     restored = None
@@ -126,15 +127,9 @@ def _session(rank, kind, teacher_ranks, transfer, teachers, out_dir, checkpoint)
                    "dp": [engine.dp_world_size, placement.data_rank]}, f)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(world, kind, teacher_ranks, transfers, out_dir) -> dict[str, dict[int, dict]]:
     import torch.multiprocessing as mp
-    mp.start_processes(_worker, args=(world, _free_port(), kind, teacher_ranks, transfers,
+    mp.start_processes(_worker, args=(world, free_port(), kind, teacher_ranks, transfers,
                                       str(out_dir)),
                        nprocs=world, start_method="spawn", join=True)
     return {t: {r: json.loads((out_dir / f"{kind}_{t}_rank{r}.json").read_text())
@@ -159,3 +154,16 @@ def test_dedicated_matches_colocated(tmp_path):
         # the run that set this bound; 2e-3 leaves room for other seeds and libraries.
         torch.testing.assert_close(torch.tensor(dedicated_bf16[rank]["losses"]),
                                    torch.tensor(ref["losses"]), rtol=2e-3, atol=0)
+
+
+def test_each_teacher_rank_reads_the_data_shards_of_the_students_it_serves():
+    """2 teacher ranks, 3 students: a student's shard is its rank among all students,
+    whichever teacher rank serves it (a teacher's own count would misalign them)."""
+    from dmt.placement import DedicatedTeacher
+    layout = RankLayout(world_size=5, teacher_ranks=2)
+    shards = {}
+    for rank in (3, 4):
+        teacher = DedicatedTeacher.__new__(DedicatedTeacher)
+        teacher.layout, teacher.students = layout, layout.students_of(rank)
+        shards[rank] = teacher.data_shards
+    assert shards == {3: [(0, 3), (2, 3)], 4: [(1, 3)]}

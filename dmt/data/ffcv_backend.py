@@ -7,8 +7,8 @@ from four extra fields of the image metadata record, refilled before every epoch
 from dmt.data.augment.crop_boxes. FFCV hands the metadata array to the compiled
 code at run time, so refilling costs no recompilation. The sample order comes from
 dmt.data.sampling through a TraversalOrder. Flip, jitter and normalisation are the
-shared tensor ops (FFCV's NormalizeImage after ToTensor is what hangs, see
-ENVIRONMENT.md; we use neither).
+shared tensor ops (FFCV's NormalizeImage after ToTensor loops forever in
+Loader.__init__, upstream issues #350 and #396; we use neither).
 
 Bad files: the .beton writer leaves out and reports undecodable files, so nothing
 can fail at run time; `skipped` stays 0.

@@ -38,10 +38,6 @@ class DualViewLoader:
     def batch_size(self) -> int:
         return self.plan.batch_size
 
-    @property
-    def next_epoch(self) -> int:
-        return self._next_epoch
-
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch {start_batch} is outside 0..{len(self)}")
@@ -72,6 +68,8 @@ class DualViewLoader:
 
     def _run_epoch(self, epoch, batches):
         yield from self._epoch_batches(epoch, batches)
+        # For callers that iterate whole epochs (the trainer stops at its last step of an
+        # epoch and reports skips itself, with the run's list).
         if self.skipped:
             log.warning("end of epoch %d: %d undecodable file(s) skipped so far: %s", epoch,
                         self.skipped, ", ".join(self.skipped_files[:5])

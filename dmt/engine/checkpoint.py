@@ -25,23 +25,35 @@ import torch.distributed as dist
 
 from dmt.config import flatten, resolve_path, used_teachers
 from dmt.engine.distributed import any_rank, barrier, ranks_agreeing
-from dmt.errors import CheckpointError
+from dmt.errors import CheckpointError, storage_error
 from dmt.models import backbone_state_dict
 
 LATEST = "latest"
+_TAG = re.compile(r"step\d{8,}")  # what checkpoint_tag writes; a user's step*.keep is not one
 
 
 def checkpoint_tag(step: int) -> str:
     return f"step{step:08d}"
 
 
+def _checkpoint_dirs(ckpt_root: Path) -> list[Path]:
+    """The directories save_checkpoint made (complete or not), oldest first."""
+    return sorted(p for p in ckpt_root.glob("step*") if _TAG.fullmatch(p.name) and p.is_dir())
+
+
 def write_atomic(path: Path, data: bytes) -> None:
+    """`path` holds `data` or what it held before, never a part; a failed write leaves no
+    temporary file behind and raises StorageError."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(path, err) from None
 
 
 def rng_state() -> dict:
@@ -67,44 +79,62 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, trainer_state: dict, ran
     tag = checkpoint_tag(step)
     tmp_root, final = ckpt_root / ".tmp", ckpt_root / tag
     if rank == 0:
-        shutil.rmtree(tmp_root / tag, ignore_errors=True)  # leftovers of a crashed save
-        tmp_root.mkdir(parents=True, exist_ok=True)
+        # Saves follow one another (the run lock keeps other launches out): anything here
+        # is left over from a save that failed, possibly of another step. It frees space.
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        try:
+            tmp_root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise storage_error(tmp_root, err, "the checkpoint folder") from None
     barrier(group)
-    engine.save_checkpoint(str(tmp_root), tag=tag, client_state={"trainer": trainer_state},
-                           save_latest=False)
-    torch.save(rng_state(), tmp_root / tag / f"rng_rank{rank}.pt")
+    try:
+        engine.save_checkpoint(str(tmp_root), tag=tag, client_state={"trainer": trainer_state},
+                               save_latest=False)
+        torch.save(rng_state(), tmp_root / tag / f"rng_rank{rank}.pt")
+    except (OSError, RuntimeError) as err:  # torch.save raises RuntimeError on a full disk
+        shutil.rmtree(tmp_root / tag, ignore_errors=True)  # the part written takes space
+        _remove_if_empty(tmp_root)
+        raise storage_error(tmp_root / tag, err, f"checkpoint {tag} to") from None
     barrier(group)
     if rank == 0:
-        (tmp_root / tag / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        write_atomic(tmp_root / tag / "trainer_state.json",
+                     json.dumps(trainer_state, indent=1).encode())
         stale = None
-        if final.exists():  # the same step saved again (a resume from an older checkpoint)
-            stale = tmp_root / f"{tag}.replaced"
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-        os.replace(tmp_root / tag, final)
-        write_atomic(ckpt_root / LATEST, tag.encode())
+        try:
+            if final.exists():  # the same step saved again (a resume from an older one)
+                stale = tmp_root / f"{tag}.replaced"
+                shutil.rmtree(stale, ignore_errors=True)
+                os.replace(final, stale)
+            os.replace(tmp_root / tag, final)
+        except OSError as err:
+            raise storage_error(final, err, f"checkpoint {tag} to") from None
+        write_atomic(ckpt_root / LATEST, tag.encode())  # last: the save is complete
         if stale is not None:
             shutil.rmtree(stale, ignore_errors=True)
-        try:  # an empty .tmp/ would read as a save in progress
-            tmp_root.rmdir()
-        except OSError:
-            pass
+        _remove_if_empty(tmp_root)
         _prune(ckpt_root, tag, keep_last)
     barrier(group)
     return final
 
 
+def _remove_if_empty(tmp_root: Path) -> None:
+    try:  # an empty .tmp/ would read as a save in progress
+        tmp_root.rmdir()
+    except OSError:  # not empty: another rank's save is still writing there
+        pass
+
+
 def _prune(ckpt_root: Path, newest: str, keep_last: int) -> None:
     """Keeps the `keep_last` newest checkpoints up to `newest`; never touches later ones."""
-    tags = sorted(p for p in ckpt_root.glob("step*") if p.is_dir() and p.name <= newest)
+    tags = [p for p in _checkpoint_dirs(ckpt_root) if p.name <= newest]
     for old in tags[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """The run's complete checkpoints, oldest first (a save in progress lives in .tmp/)."""
-    root = Path(run_dir) / "checkpoints"
-    return sorted(p for p in root.glob("step*") if (p / "trainer_state.json").is_file())
+    return [p for p in _checkpoint_dirs(Path(run_dir) / "checkpoints")
+            if (p / "trainer_state.json").is_file()]
 
 
 def _alternatives(run_dir: Path, bad: Path) -> str:
@@ -210,7 +240,7 @@ _RESUME_KEYS = [("model", "arch"), ("model", "img_size"), ("model", "adapter"),
                 ("data", "crop_scale"), ("data", "color_jitter")]
 
 
-def _used_teachers(cfg: dict) -> list[tuple]:
+def _teacher_identity(cfg: dict) -> list[tuple]:
     weighted = cfg["method"]["fusion"] == "weighted"
     return [(t["name"], t["kind"], t["arch"], t["weight"] if weighted else None)
             for _, t in used_teachers(cfg)]
@@ -220,7 +250,7 @@ def check_compatible(saved_cfg: dict, cfg: dict, path: Path) -> None:
     """A checkpoint resumes only the same student, teachers, objective and data order."""
     diffs = [f"{a}.{b}: checkpoint {saved_cfg[a][b]!r} vs now {cfg[a][b]!r}"
              for a, b in _RESUME_KEYS if saved_cfg[a][b] != cfg[a][b]]
-    saved_t, now_t = _used_teachers(saved_cfg), _used_teachers(cfg)
+    saved_t, now_t = _teacher_identity(saved_cfg), _teacher_identity(cfg)
     if saved_t != now_t:
         diffs.append(f"teachers (name, kind, arch, weight): checkpoint {saved_t} vs now {now_t}")
     if diffs:
@@ -365,13 +395,19 @@ def export_student(ckpt_dir: Path, out: Path) -> Path:
     """Writes the student backbone as a timm state dict (.pth, or .safetensors by suffix)."""
     state = backbone_state_dict(consolidated_student_state(ckpt_dir))
     state = {k: v.contiguous() for k, v in state.items()}
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    if out.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        save_file(state, str(tmp))
-    else:
-        torch.save(state, tmp)
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".safetensors":
+            save_file(state, str(tmp))
+        else:
+            torch.save(state, tmp)
+        os.replace(tmp, out)
+    except (OSError, RuntimeError, SafetensorError) as err:  # full disk: RuntimeError in torch
+        tmp.unlink(missing_ok=True)
+        raise storage_error(out, err, "the exported student") from None
     return out

@@ -21,7 +21,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a one-host process group)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -48,7 +49,7 @@ def setup_distributed() -> DistInfo:
 
     if "RANK" not in os.environ and launched_world_size() == 1:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     # (Under mpirun, DeepSpeed discovers ranks through mpi4py and sets these variables.)
     cuda = torch.cuda.is_available()
     if not cuda:

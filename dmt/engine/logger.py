@@ -11,6 +11,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
+from dmt.errors import storage_error
+
 
 def drop_rows_after(metrics_file: Path, step: int) -> int:
     """Keep the metrics of steps 1..step only: a run restarted from its checkpoint at
@@ -28,8 +30,12 @@ def drop_rows_after(metrics_file: Path, step: int) -> int:
             pass
     if len(kept) < len(lines):
         tmp = metrics_file.with_name(f".{metrics_file.name}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, metrics_file)
+        try:
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            os.replace(tmp, metrics_file)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise storage_error(metrics_file, err, "the metrics") from None
     return len(lines) - len(kept)
 
 
@@ -76,7 +82,10 @@ class RunLogger:
         if not self.enabled or not records:
             return
         for record in records:
-            self.metrics.write(json.dumps(record) + "\n")
+            try:
+                self.metrics.write(json.dumps(record) + "\n")
+            except OSError as err:  # rows of earlier steps stay; a resume drops a cut row
+                raise storage_error(self.metrics.name, err, "the metrics") from None
             if self.tb is not None:
                 for key, value in record.items():
                     if isinstance(value, float):

@@ -7,10 +7,10 @@ deterministic data order is all `--resume auto` needs to continue exactly.
 """
 from __future__ import annotations
 
-import json
 import resource
 import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,80 +20,24 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from dmt.build import DTYPES, build_method, build_student, build_teachers
-from dmt.config import batch_arithmetic, dump_config, resolve_path, student_ranks
-from dmt.data import build_loader, write_sample_images
+from dmt.build import (DTYPES, build_data, build_method, build_student, build_teachers,
+                       uses_sample_images)
+from dmt.config import batch_arithmetic, dump_config, student_ranks
+from dmt.data import write_sample_images
 from dmt.engine import checkpoint as ckpt
 from dmt.engine.distributed import DistInfo, any_rank, barrier, skip_lone_allreduce
+from dmt.engine.ds_config import REPO_ROOT, deepspeed_config
 from dmt.engine.logger import RunLogger
 from dmt.engine.optim import build_optimizer, lr_at, peak_lr, set_hyperparameters
 from dmt.engine.runlock import ExclusiveLock, LockBusy
 from dmt.engine.step_guard import NONFINITE_GRADIENTS, NONFINITE_TOKENS, StepGuard
 from dmt.engine.stop import StopRequest
-from dmt.errors import ConfigError, DataError, DMTError
+from dmt.errors import ConfigError, DataError, DMTError, StorageError
 from dmt.models.fast import optimize_teachers
 from dmt.placement import build_placement
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def deepspeed_config(cfg: dict, accum: int, path: str | None = None) -> dict:
-    """The ds_configs/ file with the batch arithmetic and clipping filled in from the YAML."""
-    file = resolve_path(path or cfg["deepspeed"]["config"], REPO_ROOT)
-    if not file.is_file():
-        raise ConfigError(f"DeepSpeed config not found: {file}")
-    try:
-        ds = json.loads(file.read_text())
-    except ValueError as err:
-        raise ConfigError(f"DeepSpeed config {file} is not valid JSON: {err}") from None
-    if not isinstance(ds, dict):
-        raise ConfigError(f"DeepSpeed config {file} must hold a JSON object")
-    for key in ("optimizer", "scheduler"):
-        if key in ds:  # dmt owns these: client AdamW + the per-step schedule below
-            raise ConfigError(f"{file}: remove the '{key}' section; dmt configures it from "
-                              "the 'optim' section of the experiment YAML")
-    # The skip flag of non-finite steps lives on dmt's client optimizer (StepGuard) and
-    # DeepSpeed's gradient overflow check covers what the guard does not see.
-    zero = ds.get("zero_optimization", {})
-    refused = {
-        "torch_autocast.enabled": ds.get("torch_autocast", {}).get("enabled", False),
-        "zero_optimization.offload_optimizer": zero.get("offload_optimizer", {}).get(
-            "device", "none") not in ("none", None),
-        "bf16.check_grad_overflow=false": ds.get("bf16", {}).get("check_grad_overflow", True)
-        is False,
-        # ZeRO-1/2 in fp32 find non-finite gradients only through the norm they compute
-        "zero_optimization.compute_grad_norm=false": zero.get("compute_grad_norm", True) is False,
-    }
-    for key, present in refused.items():
-        if present:
-            raise ConfigError(f"{file}: dmt does not support {key}: it would bypass the "
-                              "skipping of non-finite steps (dmt/engine/step_guard.py)")
-    cuda = torch.cuda.is_available()
-    if ds.get("fp16", {}).get("enabled") and not cuda:
-        raise ConfigError(f"{file}: fp16 training needs a GPU (DeepSpeed has no fp16 on CPU); "
-                          "use ds_configs/cpu_fp32.json or a bf16/fp32 config")
-    # The YAML owns the batch arithmetic and clipping: a file that says otherwise is refused
-    # rather than silently overwritten.
-    owned = {"train_batch_size": (cfg["optim"]["global_batch"], "optim.global_batch"),
-             "train_micro_batch_size_per_gpu": (cfg["optim"]["micro_batch"], "optim.micro_batch"),
-             "gradient_accumulation_steps": (accum, "the batch arithmetic"),
-             "gradient_clipping": (float(cfg["optim"]["clip_grad"] or 0.0), "optim.clip_grad")}
-    for key, (value, source) in owned.items():
-        if key in ds and ds[key] != value:
-            raise ConfigError(f"{file}: {key}={ds[key]} disagrees with {source} ({value}); "
-                              f"dmt sets it from the experiment YAML: remove it from the file")
-        ds[key] = value
-    ds.setdefault("zero_allow_untested_optimizer", True)
-    # DeepSpeed's throughput timer synchronises the GPU twice per micro-batch by default;
-    # dmt measures images/s per log window itself.
-    ds.setdefault("timers", {"throughput": {"enabled": False}})
-    # overlap_comm reduces gradients on a side stream, and ZeRO-1/2 then synchronise the GPU
-    # after every backward. It pays only with several data-parallel ranks on GPUs: with one
-    # there is nothing to reduce, and on CPU no stream to overlap with.
-    data_ranks = cfg["optim"]["global_batch"] // (cfg["optim"]["micro_batch"] * accum)
-    if "zero_optimization" in ds and (not cuda or data_ranks == 1):
-        ds["zero_optimization"]["overlap_comm"] = False
-    return ds
+SKIPPED_LIST = "skipped_files.txt"  # in the run directory
+RUN_LOCK = ".lock"
 
 
 def _engine_dtype(engine) -> torch.dtype:
@@ -117,7 +61,7 @@ def _digest(indices: list[torch.Tensor]) -> int:
 
 def _prepare_data_path(cfg: dict, run_dir: Path, info: DistInfo) -> str | None:
     data = cfg["data"]
-    if data["path"] is not None or data["backend"] == "synthetic":
+    if not uses_sample_images(cfg):
         return data["path"]
     folder, marker = run_dir / "sample_images", run_dir / "sample_images" / ".complete"
     wanted = f"{data['sample_images']} images, seed {cfg['run']['seed']}"
@@ -129,16 +73,23 @@ def _prepare_data_path(cfg: dict, run_dir: Path, info: DistInfo) -> str | None:
     return str(folder)
 
 
-def micro_batches(loader, state: dict, steps_per_epoch: int, accum: int,
-                  total_steps: int) -> Iterator[dict]:
+@dataclass(frozen=True)
+class Schedule:
+    """How long the run is, in optimizer steps."""
+    steps_per_epoch: int
+    schedule_steps: int  # what the lr schedule spans: run.epochs
+    total_steps: int  # what this run trains: run.max_steps may stop it earlier
+
+
+def micro_batches(loader, state: dict, schedule: Schedule, accum: int) -> Iterator[dict]:
     """The micro-batches of the run from `state` on, epoch after epoch. Student ranks and
     the teacher ranks that serve them walk this same sequence."""
     epoch, step_in_epoch, step = state["epoch"], state["step_in_epoch"], state["global_step"]
-    while step < total_steps:
+    while step < schedule.total_steps:
         loader.set_epoch(epoch, start_batch=step_in_epoch * accum)
         batches = iter(loader)
-        for _ in range(step_in_epoch, steps_per_epoch):
-            if step >= total_steps:
+        for _ in range(step_in_epoch, schedule.steps_per_epoch):
+            if step >= schedule.total_steps:
                 return
             for _ in range(accum):
                 yield next(batches)
@@ -195,17 +146,118 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
 
 def _train(cfg: dict, info: DistInfo, launch: Launch, run_lock: ExclusiveLock | None) -> dict:
     run_cfg, optim_cfg, runtime = cfg["run"], cfg["optim"], cfg["teacher_runtime"]
-    run_dir, dp_world, accum, ds_config = (launch.run_dir, launch.dp_world, launch.accum,
-                                           launch.ds_config)
-    resume, resume_from, saved = launch.resume, launch.resume_from, launch.saved
-    teacher_files = launch.teacher_files
-    log = RunLogger(run_dir, 0, info.is_main, False, False, metrics=False)  # until the bar exists
+    log = RunLogger(launch.run_dir, 0, info.is_main, False, False, metrics=False)  # until the bar exists
     if run_lock is not None and run_lock.unsupported:
         log.warn(f"the run directory could not be locked ({run_lock.unsupported}): make sure "
                  "no other launch uses the same run.name")
     torch.manual_seed(run_cfg["seed"] + info.rank)
 
-    # --- models: frozen half-precision teachers outside the engine, the student inside it
+    teachers, method, placement = _build_models(cfg, info, launch.dp_world, log)
+    data_path = _prepare_data_path(cfg, launch.run_dir, info)
+    loaders = _build_loaders(cfg, placement, data_path, info)
+    if launch.resume_from is not None:
+        ckpt.check_same_samples(launch.saved, loaders[0].num_samples, data_path,
+                                launch.resume_from)
+    schedule = _schedule(cfg, loaders[0], launch.accum)
+    # nonfinite_streak: called-off steps in a row, carried across a resume
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "nonfinite_total": 0,
+             "nonfinite_streak": 0}
+    if launch.resume_from is not None:
+        state.update({k: v for k, v in launch.saved.items() if k in state})
+
+    if placement.role == "teacher":
+        _serve_targets(placement, loaders, state, schedule, launch.accum, run_cfg,
+                       _validates_tags(launch.ds_config))
+        return {"run_dir": launch.run_dir, "role": "teacher", **state}
+
+    engine, optimizer, guard, group, without_rng = _build_engine(method, placement, launch,
+                                                                 optim_cfg, info)
+    if info.is_main and state["global_step"] < schedule.total_steps:
+        # the run's config, once it has passed every check (a complete run keeps its own)
+        ckpt.write_atomic(launch.run_dir / "config.yaml", dump_config(cfg).encode())
+    log.close()
+    log = RunLogger(launch.run_dir, schedule.total_steps, info.is_main, run_cfg["progress"],
+                    run_cfg["tensorboard"], start_step=state["global_step"])
+    _announce(cfg, launch, teachers, loaders[0], data_path, schedule, state, without_rng, log)
+
+    loader, accum, total_steps = loaders[0], launch.accum, schedule.total_steps
+    batches = micro_batches(loader, state, schedule, accum)
+    student_dtype = _engine_dtype(engine)
+    peak, pending, last_ckpt = peak_lr(optim_cfg), [], launch.resume_from
+    window_start, train_start, start_step = time.perf_counter(), time.perf_counter(), state["global_step"]
+    skipped_reported = 0  # files a backend rejected up front are reported with epoch 0
+    # SIGTERM / Ctrl-C: checkpoint at the end of the log window, then stop. A dedicated
+    # teacher rank serves a fixed schedule, so there signals keep their default action.
+    stop = (StopRequest(announce=info.is_main).install() if runtime["placement"] == "colocated"
+            else StopRequest())
+    stopped_by = 0
+    try:
+        while state["global_step"] < total_steps and not stopped_by:
+            lr = lr_at(state["global_step"], schedule.schedule_steps,
+                       warmup_steps(optim_cfg, schedule.steps_per_epoch), peak,
+                       optim_cfg["min_lr"])
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
+            row = _train_step(engine, method, placement, guard, batches, accum, student_dtype,
+                              info.device)
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+            pending.append({**row, "lr": lr, "step": state["global_step"],
+                            "epoch": state["epoch"]})
+            log.advance(state["epoch"])
+            if state["step_in_epoch"] == schedule.steps_per_epoch:
+                state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
+                skipped_reported = _report_new_skips(loader, skipped_reported,
+                                                     state["epoch"] - 1, launch.run_dir, log)
+            done = state["global_step"] == total_steps
+            saving = checkpoint_due(state["global_step"], run_cfg, total_steps)
+            # A checkpoint holds the counts: flush before saving.
+            if len(pending) >= run_cfg["log_every"] or done or saving:
+                elapsed = time.perf_counter() - window_start
+                verdicts = _flush(pending, log, method.loss.terms, total_steps,
+                                  optim_cfg["global_batch"] * len(pending) / elapsed, info, group)
+                for flushed, bad in zip(pending, verdicts):
+                    _judge_step(flushed["step"], bad, state, run_cfg, log, last_ckpt)
+                pending, window_start = [], time.perf_counter()
+                # A signal in the run's last window changes nothing: it ends here anyway.
+                stopped_by = 0 if done else stop.agreed(group, info.device)  # one more scalar
+                saving = saving or bool(stopped_by)
+            if saving:
+                _record_skipped(loader, launch.run_dir, info, group, log)
+                saved_state = {**state, "student_ranks": launch.dp_world, "config": cfg,
+                               "zero_stage": engine.zero_optimization_stage(),
+                               "teacher_files": launch.teacher_files,
+                               "num_samples": loader.num_samples, "data_path": str(data_path)}
+                last_ckpt = ckpt.save_checkpoint(engine, launch.run_dir / "checkpoints",
+                                                 state["global_step"], saved_state, info.rank,
+                                                 run_cfg["keep_last"], group=group)
+                window_start = time.perf_counter()  # checkpoint time is not training time
+    except StorageError as err:  # a full disk, a read-only folder: say what is safe
+        raise _with_last_checkpoint(err, last_ckpt) from None
+    finally:  # also when a step fails: the process must stay stoppable
+        stop.restore()
+    if stopped_by:
+        log.warn(f"stopped by {signal.Signals(stopped_by).name} at step {state['global_step']}"
+                 f" of {total_steps}; checkpoint {last_ckpt}: --resume auto continues the run")
+    placement.close()
+    try:
+        return _finish(cfg, launch, loader, state, total_steps, start_step, last_ckpt,
+                       stopped_by, time.perf_counter() - train_start, info, group, log)
+    except StorageError as err:
+        raise _with_last_checkpoint(err, last_ckpt) from None
+
+
+def _with_last_checkpoint(err: StorageError, last_ckpt) -> StorageError:
+    if last_ckpt is None:
+        return StorageError(f"{err}; no checkpoint was saved yet")
+    return StorageError(f"{err}; the last complete checkpoint, {last_ckpt}, is intact: free "
+                        "space (or fix the permissions) and --resume auto continues from it")
+
+
+def _build_models(cfg: dict, info: DistInfo, dp_world: int, log: RunLogger):
+    """Frozen half-precision teachers outside the engine, the student, the method that
+    pairs them, and this rank's side of the placement."""
+    runtime = cfg["teacher_runtime"]
     if runtime["placement"] == "dedicated" and info.rank < dp_world:
         # A dedicated student rank receives fused targets: it needs the teachers' shapes only.
         teachers = build_teachers(cfg, info.device, warn=log.warn, shapes_only=True)
@@ -216,199 +268,163 @@ def _train(cfg: dict, info: DistInfo, launch: Launch, run_lock: ExclusiveLock | 
     student = build_student(cfg, teachers.embed_dim)
     method = build_method(cfg, student, teachers)  # refuses mismatched token grids
     placement = build_placement(runtime["placement"], runtime["teacher_ranks"], method,
-                                micro_batch=optim_cfg["micro_batch"], device=info.device,
+                                micro_batch=cfg["optim"]["micro_batch"], device=info.device,
                                 transfer_dtype=DTYPES[runtime["transfer_dtype"]],
                                 prefetch=runtime["prefetch"])
+    return teachers, method, placement
 
-    # --- data: each student rank reads its own shard of the (seed, epoch) order
-    data, data_path = cfg["data"], _prepare_data_path(cfg, run_dir, info)
 
-    def loader_for(rank: int, world_size: int):
-        return build_loader(data["backend"], data_path, optim_cfg["micro_batch"],
-                            image_size=cfg["model"]["img_size"],
-                            crop_scale=tuple(data["crop_scale"]),
-                            color_jitter=tuple(data["color_jitter"]), seed=run_cfg["seed"],
-                            rank=rank, world_size=world_size, device=str(info.device),
-                            num_workers=data["num_workers"],
-                            probe_cache=data["probe_cache"])  # ImageNet statistics
-
+def _build_loaders(cfg: dict, placement, data_path, info: DistInfo) -> list:
+    """This rank's loaders: a student reads its own shard of the (seed, epoch) order; a
+    dedicated teacher rank reads the shard of each student it serves."""
     shards = (placement.data_shards if placement.role == "teacher"
               else [(placement.data_rank, placement.data_world_size)])
     try:
-        loaders = [loader_for(r, w) for r, w in shards]
+        return [build_data(cfg, data_path, info.device, rank, world_size)
+                for rank, world_size in shards]
     except DataError as err:  # name the run's data and batch, which the loader cannot know
-        raise DataError(f"data.path {data_path} (backend {data['backend']}, optim.global_batch "
-                        f"{optim_cfg['global_batch']}): {err}") from None
-    if resume_from is not None:
-        ckpt.check_same_samples(saved, loaders[0].num_samples, data_path, resume_from)
-    steps_per_epoch = len(loaders[0]) // accum
+        raise DataError(f"data.path {data_path} (backend {cfg['data']['backend']}, "
+                        f"optim.global_batch {cfg['optim']['global_batch']}): {err}") from None
+
+
+def _schedule(cfg: dict, loader, accum: int) -> Schedule:
+    steps_per_epoch = len(loader) // accum
     if steps_per_epoch == 0:
-        raise ConfigError(f"one epoch gives {len(loaders[0])} micro-batches per rank, fewer than "
+        raise ConfigError(f"one epoch gives {len(loader)} micro-batches per rank, fewer than "
                           f"the {accum} one optimizer step needs (global batch "
-                          f"{optim_cfg['global_batch']} > {loaders[0].num_samples} samples?)")
-    schedule_steps = run_cfg["epochs"] * steps_per_epoch
+                          f"{cfg['optim']['global_batch']} > {loader.num_samples} samples?)")
+    schedule_steps = cfg["run"]["epochs"] * steps_per_epoch
     # max_steps stops early (smoke runs, tests); the lr schedule still spans run.epochs.
-    total_steps = min(schedule_steps, run_cfg["max_steps"] or schedule_steps)
+    total_steps = min(schedule_steps, cfg["run"]["max_steps"] or schedule_steps)
+    return Schedule(steps_per_epoch, schedule_steps, total_steps)
 
-    # nonfinite_streak: called-off steps in a row, carried across a resume
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "nonfinite_total": 0,
-             "nonfinite_streak": 0}
-    if resume_from is not None:
-        state.update({k: v for k, v in saved.items() if k in state})
 
-    if placement.role == "teacher":
-        # DeepSpeed all-reduces the tag's hash at each save unless tag validation is off.
-        validates_tags = ds_config.get("checkpoint", {}).get("tag_validation", "Warn").lower() != "ignore"
-        _serve_targets(placement, loaders, state, steps_per_epoch, accum, total_steps, run_cfg,
-                       validates_tags)
-        return {"run_dir": run_dir, "role": "teacher", **state}
-
-    # --- the student engine, confined to the student ranks by the placement's mpu
-    client_optimizer = build_optimizer(student, optim_cfg)
-    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=client_optimizer,
-                                                   config=ds_config,
-                                                   mpu=placement.mpu)
+def _build_engine(method, placement, launch: Launch, optim_cfg: dict, info: DistInfo):
+    """The student's DeepSpeed engine, confined to the student ranks by the placement's
+    mpu, with the guard that calls off non-finite steps; restored from the checkpoint."""
+    optimizer = build_optimizer(method.student, optim_cfg)
+    engine, _, _, _ = deepspeed.initialize(model=method.student, optimizer=optimizer,
+                                           config=launch.ds_config, mpu=placement.mpu)
     method.student = engine
     group = placement.mpu.get_data_parallel_group() if placement.mpu else None
-    guard = StepGuard.for_engine(engine, client_optimizer, info.device, group)  # non-finite steps
+    guard = StepGuard.for_engine(engine, optimizer, info.device, group)
     skip_lone_allreduce(engine, group)
-    if resume_from is not None:
+    without_rng = 0
+    if launch.resume_from is not None:
         # Each rank loads its own ZeRO partition: one rank's damaged file stops them all.
-        without_rng = ckpt.load_checkpoint(engine, resume_from, info.rank, group)
+        without_rng = ckpt.load_checkpoint(engine, launch.resume_from, info.rank, group)
         # The optimizer state restores the saved weight decay and betas: the config rules.
-        set_hyperparameters(client_optimizer, optim_cfg)
-    if info.is_main and state["global_step"] < total_steps:
-        # the run's config, once it has passed every check (a complete run keeps its own)
-        ckpt.write_atomic(run_dir / "config.yaml", dump_config(cfg).encode())
-    log.close()
-    log = RunLogger(run_dir, total_steps, info.is_main, run_cfg["progress"],
-                    run_cfg["tensorboard"], start_step=state["global_step"])
+        set_hyperparameters(optimizer, optim_cfg)
+    return engine, optimizer, guard, group, without_rng
+
+
+def _announce(cfg: dict, launch: Launch, teachers, loader, data_path, schedule: Schedule,
+              state: dict, without_rng: int, log: RunLogger) -> None:
+    """What this launch will do, and what it resumes from (with what changed since)."""
+    runtime, optim_cfg, run_dir = cfg["teacher_runtime"], cfg["optim"], launch.run_dir
     execution = (teachers.describe() if runtime["placement"] == "colocated"
                  else f"{runtime['teacher_ranks']} teacher rank(s)")
-    log.info(f"run {run_dir}: {total_steps} steps, {steps_per_epoch} per epoch, global batch "
-             f"{optim_cfg['global_batch']} = {optim_cfg['micro_batch']} x {accum} accumulation x "
-             f"{dp_world} student rank(s); teachers {teachers.names} ({runtime['placement']}: "
-             f"{execution}); student {cfg['model']['arch']}; data {data['backend']} "
-             f"{data_path} ({loaders[0].num_samples} samples)")
+    log.info(f"run {run_dir}: {schedule.total_steps} steps, {schedule.steps_per_epoch} per "
+             f"epoch, global batch {optim_cfg['global_batch']} = {optim_cfg['micro_batch']} x "
+             f"{launch.accum} accumulation x {launch.dp_world} student rank(s); teachers "
+             f"{teachers.names} ({runtime['placement']}: {execution}); student "
+             f"{cfg['model']['arch']}; data {cfg['data']['backend']} {data_path} "
+             f"({loader.num_samples} samples)")
     if runtime["placement"] == "dedicated":
         log.info(f"dedicated teacher ranks: SIGTERM and Ctrl-C stop the run at once, without a "
-                 f"checkpoint; checkpoints come every {run_cfg['checkpoint_every']} steps "
+                 f"checkpoint; checkpoints come every {cfg['run']['checkpoint_every']} steps "
                  "(run.checkpoint_every)")
-    if resume_from is not None:
-        log.info(f"resumed from {resume_from} at step {state['global_step']} "
-                 f"(epoch {state['epoch']}, step {state['step_in_epoch']} of the epoch)")
-        if not (run_dir / "checkpoints" / ckpt.LATEST).is_file() and resume == "auto":
-            log.warn(f"{run_dir / 'checkpoints' / ckpt.LATEST} was missing (a save cut short "
-                     f"before its last step?): resumed from the newest complete checkpoint")
-        for change in ckpt.changed_settings(saved["config"], cfg):
-            log.info(f"changed since the checkpoint, applied from this step on: {change}")
-        _warn_if_schedule_moved(saved["config"], cfg, state["global_step"], steps_per_epoch, log)
-        if without_rng:  # the data order does not depend on it; drop-path and dropout do
-            log.warn(f"{without_rng} of {dp_world} student rank(s) found no rng_rank<r>.pt "
-                     f"in {resume_from}: their random state starts again from the seed, "
-                     "so the run does not repeat an uninterrupted one exactly")
-        if state["global_step"] >= total_steps:
-            log.info(f"{run_dir} is already complete ({state['global_step']}/{total_steps} "
-                     "steps): nothing to train. Raise run.epochs / run.max_steps to go on, or "
-                     "set another run.name for a new run.")
-    elif resume:
-        log.info(f"--resume {resume}: no checkpoint in {run_dir} yet, starting fresh")
+    if launch.resume_from is None:
+        if launch.resume:
+            log.info(f"--resume {launch.resume}: no checkpoint in {run_dir} yet, starting fresh")
+        return
+    log.info(f"resumed from {launch.resume_from} at step {state['global_step']} "
+             f"(epoch {state['epoch']}, step {state['step_in_epoch']} of the epoch)")
+    if not (run_dir / "checkpoints" / ckpt.LATEST).is_file() and launch.resume == "auto":
+        log.warn(f"{run_dir / 'checkpoints' / ckpt.LATEST} was missing (a save cut short "
+                 f"before its last step?): resumed from the newest complete checkpoint")
+    for change in ckpt.changed_settings(launch.saved["config"], cfg):
+        log.info(f"changed since the checkpoint, applied from this step on: {change}")
+    _warn_if_schedule_moved(launch.saved["config"], cfg, state["global_step"],
+                            schedule.steps_per_epoch, log)
+    _warn_if_disk_is_short(launch.resume_from, run_dir, log)
+    if without_rng:  # the data order does not depend on it; drop-path and dropout do
+        log.warn(f"{without_rng} of {launch.dp_world} student rank(s) found no rng_rank<r>.pt "
+                 f"in {launch.resume_from}: their random state starts again from the seed, "
+                 "so the run does not repeat an uninterrupted one exactly")
+    if state["global_step"] >= schedule.total_steps:
+        log.info(f"{run_dir} is already complete ({state['global_step']}/{schedule.total_steps} "
+                 "steps): nothing to train. Raise run.epochs / run.max_steps to go on, or "
+                 "set another run.name for a new run.")
 
-    loader = loaders[0]
-    batches = micro_batches(loader, state, steps_per_epoch, accum, total_steps)
-    student_dtype = _engine_dtype(engine)
-    peak, pending, last_ckpt = peak_lr(optim_cfg), [], resume_from
-    window_start, train_start, start_step = time.perf_counter(), time.perf_counter(), state["global_step"]
-    skipped_reported = 0  # files a backend rejected up front are reported with epoch 0
-    # SIGTERM / Ctrl-C: checkpoint at the end of the log window, then stop. A dedicated
-    # teacher rank serves a fixed schedule, so there signals keep their default action.
-    stop = (StopRequest(announce=info.is_main).install() if runtime["placement"] == "colocated"
-            else StopRequest())
-    stopped_by = 0
-    try:
-        while state["global_step"] < total_steps and not stopped_by:
-            lr = lr_at(state["global_step"], schedule_steps,
-                       warmup_steps(optim_cfg, steps_per_epoch), peak, optim_cfg["min_lr"])
-            for param_group in client_optimizer.param_groups:
-                param_group["lr"] = lr
-            terms, data_wait, indices = None, 0.0, []
-            for micro in range(accum):
-                t0 = time.perf_counter()
-                batch = next(batches)
-                data_wait += time.perf_counter() - t0
-                indices.append(batch["index"].cpu())
-                targets = placement.targets(batch)
-                out = method({"student": batch["student"].to(info.device, student_dtype,
-                                                             non_blocking=True)}, targets=targets)
-                guard.observe(out)
-                step_terms = torch.stack([out[k].detach().float()
-                                          for k in ("loss", *method.loss.terms)])
-                terms = step_terms if terms is None else terms + step_terms
-                engine.backward(out["loss"])
-                if micro == accum - 1:
-                    # A non-finite micro-batch on any rank calls off this optimizer step on
-                    # every rank, on the device; the host reads the verdict at the flush.
-                    verdict = guard.decide()
-                engine.step()
-            state["global_step"] += 1
-            state["step_in_epoch"] += 1
-            pending.append({"terms": terms / accum, "verdict": verdict, "lr": lr,
-                            "data_wait": data_wait, "digest": _digest(indices),
-                            "step": state["global_step"], "epoch": state["epoch"]})
-            log.advance(state["epoch"])
-            if state["step_in_epoch"] == steps_per_epoch:
-                state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
-                if loader.skipped > skipped_reported:
-                    new_files = loader.skipped_files[skipped_reported:]
-                    more = f" and {len(new_files) - 5} more" if len(new_files) > 5 else ""
-                    log.warn(f"epoch {state['epoch'] - 1}: {len(new_files)} newly found "
-                             f"unreadable file(s) skipped on rank 0 ({loader.skipped} so far): "
-                             f"{new_files[:5]}{more}; every rank's are listed in "
-                             f"{run_dir / SKIPPED_LIST} at each checkpoint and at the end")
-                    skipped_reported = loader.skipped
-            done = state["global_step"] == total_steps
-            saving = checkpoint_due(state["global_step"], run_cfg, total_steps)
-            # A checkpoint holds the counts: flush before saving.
-            if len(pending) >= run_cfg["log_every"] or done or saving:
-                elapsed = time.perf_counter() - window_start
-                verdicts = _flush(pending, log, method.loss.terms, total_steps,
-                                  optim_cfg["global_batch"] * len(pending) / elapsed, info, group)
-                for row, bad in zip(pending, verdicts):
-                    _judge_step(row["step"], bad, state, run_cfg, log, last_ckpt)
-                pending, window_start = [], time.perf_counter()
-                # A signal in the run's last window changes nothing: it ends here anyway.
-                stopped_by = 0 if done else stop.agreed(group, info.device)  # one more scalar
-                saving = saving or bool(stopped_by)
-            if saving:
-                _record_skipped(loader, run_dir, info, group, log)
-                saved_state = {**state, "student_ranks": dp_world, "config": cfg,
-                               "zero_stage": engine.zero_optimization_stage(),
-                               "teacher_files": teacher_files,
-                               "num_samples": loaders[0].num_samples, "data_path": str(data_path)}
-                last_ckpt = ckpt.save_checkpoint(engine, run_dir / "checkpoints",
-                                                 state["global_step"], saved_state, info.rank,
-                                                 run_cfg["keep_last"], group=group)
-                window_start = time.perf_counter()  # checkpoint time is not training time
-    finally:  # also when a step fails: the process must stay stoppable
-        stop.restore()
-    if stopped_by:
-        log.warn(f"stopped by {signal.Signals(stopped_by).name} at step {state['global_step']}"
-                 f" of {total_steps}; checkpoint {last_ckpt}: --resume auto continues the run")
-    placement.close()
 
+def _warn_if_disk_is_short(checkpoint: Path, run_dir: Path, log: RunLogger) -> None:
+    """The next save needs about as much space as the last one took."""
+    size = sum(f.stat().st_size for f in checkpoint.iterdir() if f.is_file())
+    free = shutil.disk_usage(run_dir).free
+    if free < size:
+        log.warn(f"{free / 2**20:.0f} MiB free on the disk of {run_dir}, and the checkpoint "
+                 f"{checkpoint.name} takes {size / 2**20:.0f} MiB: the next save will likely "
+                 "fail (free space first)")
+
+
+def _train_step(engine, method, placement, guard: StepGuard, batches, accum: int,
+                student_dtype: torch.dtype, device: torch.device) -> dict:
+    """One optimizer step: `accum` micro-batches through teachers (or their stream) and the
+    student. Returns the step's loss terms and verdict, still on the device."""
+    terms, data_wait, indices = None, 0.0, []
+    for micro in range(accum):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        data_wait += time.perf_counter() - t0
+        indices.append(batch["index"].cpu())
+        targets = placement.targets(batch)
+        out = method({"student": batch["student"].to(device, student_dtype, non_blocking=True)},
+                     targets=targets)
+        guard.observe(out)
+        step_terms = torch.stack([out[k].detach().float() for k in ("loss", *method.loss.terms)])
+        terms = step_terms if terms is None else terms + step_terms
+        engine.backward(out["loss"])
+        if micro == accum - 1:
+            # A non-finite micro-batch on any rank calls off this optimizer step on every
+            # rank, on the device; the host reads the verdict at the flush.
+            verdict = guard.decide()
+        engine.step()
+    return {"terms": terms / accum, "verdict": verdict, "data_wait": data_wait,
+            "digest": _digest(indices)}
+
+
+def _report_new_skips(loader, reported: int, epoch: int, run_dir: Path, log: RunLogger) -> int:
+    """At the end of an epoch: the unreadable files rank 0 found since the last report.
+    Returns how many are reported so far."""
+    if loader.skipped <= reported:
+        return reported
+    new_files = loader.skipped_files[reported:]
+    more = f" and {len(new_files) - 5} more" if len(new_files) > 5 else ""
+    log.warn(f"epoch {epoch}: {len(new_files)} newly found unreadable file(s) skipped on rank 0 "
+             f"({loader.skipped} so far): {new_files[:5]}{more}; every rank's are listed in "
+             f"{run_dir / SKIPPED_LIST} at each checkpoint and at the end")
+    return loader.skipped
+
+
+def _finish(cfg: dict, launch: Launch, loader, state: dict, total_steps: int, start_step: int,
+            last_ckpt, stopped_by: int, wall: float, info: DistInfo, group,
+            log: RunLogger) -> dict:
+    """After the last step: the skipped-file list, the exported student, the summary."""
+    run_cfg, run_dir = cfg["run"], launch.run_dir
     skipped = _record_skipped(loader, run_dir, info, group, log)
     exported, export_file = None, run_dir / f"student_{cfg['model']['arch']}.pth"
     if run_cfg["export"] and last_ckpt is not None and info.is_main and not stopped_by:
         trained = state["global_step"] > start_step or not export_file.exists()
         exported = ckpt.export_student(last_ckpt, export_file) if trained else export_file
     barrier(group)
-    wall = time.perf_counter() - train_start
     steps_run = state["global_step"] - start_step
     log.summary({
         "run directory": str(run_dir),
         "steps": f"{state['global_step']} / {total_steps} ({steps_run} this launch)",
         "epochs completed": state["epoch"],
-        "images/s (this launch)": f"{steps_run * optim_cfg['global_batch'] / max(wall, 1e-9):.1f}",
+        "images/s (this launch)":
+            f"{steps_run * cfg['optim']['global_batch'] / max(wall, 1e-9):.1f}",
         "wall time": f"{wall:.1f} s",
         "non-finite steps skipped": state["nonfinite_total"],
         "unreadable files skipped": skipped,
@@ -422,10 +438,6 @@ def _train(cfg: dict, info: DistInfo, launch: Launch, run_lock: ExclusiveLock | 
             "exported": exported, "stopped_by": stopped_by, **state}
 
 
-SKIPPED_LIST = "skipped_files.txt"
-RUN_LOCK = ".lock"
-
-
 def _lock_run(run_dir: Path, info: DistInfo) -> ExclusiveLock | None:
     """Rank 0 creates the run directory and holds its lock for the whole launch (the
     kernel drops it when the process ends); every rank stops if another launch holds it."""
@@ -434,6 +446,10 @@ def _lock_run(run_dir: Path, info: DistInfo) -> ExclusiveLock | None:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             lock = ExclusiveLock(run_dir / RUN_LOCK).acquire()
+            # A folder this launch cannot write to fails now, not at the first checkpoint.
+            for folder in (run_dir, run_dir / "checkpoints"):
+                if folder.is_dir():
+                    tempfile.TemporaryFile(dir=folder).close()
         except LockBusy as holder:
             busy = str(holder)
         except OSError as err:  # read-only, full, no permission: every rank must hear of it
@@ -443,7 +459,7 @@ def _lock_run(run_dir: Path, info: DistInfo) -> ExclusiveLock | None:
             raise ConfigError(f"{run_dir} is in use by another launch ({busy}): wait for it to "
                               "end, or choose another run.name / run.output_dir")
         if failed:
-            raise ConfigError(f"cannot create the run directory {run_dir} ({failed})")
+            raise ConfigError(f"cannot write in the run directory {run_dir} ({failed})")
         raise ConfigError(f"rank 0 could not take the run directory {run_dir}: see its message")
     return lock
 
@@ -515,21 +531,26 @@ def checkpoint_due(step: int, run_cfg: dict, total_steps: int) -> bool:
     return step % run_cfg["checkpoint_every"] == 0 or step == total_steps
 
 
-def _serve_targets(placement, loaders, state: dict, steps_per_epoch: int, accum: int,
-                   total_steps: int, run_cfg: dict, validates_tags: bool) -> None:
+def _validates_tags(ds_config: dict) -> bool:
+    """DeepSpeed all-reduces the checkpoint tag's hash at each save unless this is off."""
+    return ds_config.get("checkpoint", {}).get("tag_validation", "Warn").lower() != "ignore"
+
+
+def _serve_targets(placement, loaders, state: dict, schedule: Schedule, accum: int,
+                   run_cfg: dict, validates_tags: bool) -> None:
     """A dedicated teacher rank: the same micro-batches as its students, fused targets out,
     and a seat at the students' checkpoint collectives."""
-    streams = {s: micro_batches(loader, state, steps_per_epoch, accum, total_steps)
+    streams = {s: micro_batches(loader, state, schedule, accum)
                for s, loader in zip(placement.students, loaders)}
 
     def after_micro_batch(served: int) -> None:
         if served % accum == 0:
             step = state["global_step"] + served // accum
-            if checkpoint_due(step, run_cfg, total_steps):
+            if checkpoint_due(step, run_cfg, schedule.total_steps):
                 placement.join_checkpoint(ckpt.checkpoint_tag(step) if validates_tags else None)
 
-    placement.serve(streams, steps=(total_steps - state["global_step"]) * accum,
-                    on_step=after_micro_batch)
+    placement.serve(streams, micro_batches=(schedule.total_steps - state["global_step"]) * accum,
+                    after_each=after_micro_batch)
     placement.close()
 
 

@@ -40,7 +40,8 @@ class DMT:
     def __call__(self, batch: Mapping[str, torch.Tensor],
                  targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Total loss and each term, plus the student's tokens ("student_tokens": the
-        engine builds a zero-gradient surrogate from them when the loss is not finite).
+        trainer's StepGuard checks them to call off a step whose activations went
+        non-finite).
         `targets` lets dedicated teacher ranks supply the fused tokens."""
         needed = ("student",) if targets is not None else VIEWS
         if not isinstance(batch, Mapping) or any(k not in batch for k in needed):

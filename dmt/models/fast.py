@@ -30,25 +30,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmt.config import COMPILE_MODES
+from dmt.choices import COMPILE_MODES, STACK
 from dmt.errors import ConfigError
 from dmt.models.fp8 import convert_to_fp8, fp8_blocker, fp8_unsupported
 from dmt.models.teachers import FrozenTeacher, TeacherEnsemble
+from dmt.models.vit import plain_blocks_error
 
 log = logging.getLogger(__name__)
 
-# Evidence for stack="auto", per device type. CPU (benchmarks/results/throughput_cpu_cpu.json,
-# "teacher_variants"; 2-core AMD EPYC, 1 thread, fp32): 3 ViT-S teachers, 64 px, batch 16,
-# teacher pass + fusion, four runs: loop 555 / 630 / 722 / 638 ms, stacked 559 / 614 / 615 /
-# 566 ms, i.e. no reliable difference within the machine's 10-30% noise once matmuls dominate; stacking only won at
-# toy shapes (2 ViT-T, 32 px, batch 2: 16 vs 38 ms, per-op overhead). Not measurably faster
+# Evidence for stack="auto", per device type. CPU: benchmarks/results/throughput_cpu_cpu.json,
+# "teacher_variants" (3 teachers, teacher pass + fusion; the machine is in the file): loop
+# and stacked lie within the machine's run-to-run noise (10-30 %) once matmuls dominate;
+# stacking won only at toy shapes, where per-op overhead dominates. Not measurably faster
 # at training shapes -> loop, which is stock timm and bit-exact. CUDA: not measured yet (no
 # GPU was available when this was written); the loop is the safe default there too, its
 # per-teacher matmuls are already large at training batch sizes. `benchmarks/throughput.py
 # --preset gpu` measures both (and torch.compile); update this table with its verdict.
 STACK_IS_FASTER: dict[str, bool] = {"cpu": False, "cuda": False}
 
-STACK_CHOICES = ("auto", "always", "never", True, False)
+STACK_CHOICES = (*STACK, True, False)  # a library caller may pass a bool
 
 
 class LoopTeacher(nn.Module):
@@ -86,15 +86,12 @@ def _input_affine(teacher: FrozenTeacher) -> tuple[torch.Tensor, torch.Tensor] |
 
 def stack_blocker(encoder: nn.Module) -> str | None:
     """Why `encoder` cannot be stacked (None when it can): only plain pre-norm ViTs are."""
-    from timm.layers import Mlp, PatchEmbed
-    from timm.models.vision_transformer import Block, LayerScale, VisionTransformer
-    try:
-        from timm.layers.attention import Attention
-    except ImportError:  # timm < 1.0.16 kept it in the model file
-        from timm.models.vision_transformer import Attention
+    from timm.layers import PatchEmbed
+    from timm.models.vision_transformer import LayerScale
 
-    if type(encoder) is not VisionTransformer:
-        return f"{type(encoder).__name__} is not a plain timm VisionTransformer"
+    reason = plain_blocks_error(encoder)
+    if reason:
+        return reason
     patch = encoder.patch_embed
     if type(patch) is not PatchEmbed or not patch.flatten or not isinstance(patch.norm, nn.Identity) \
             or patch.proj.bias is None or getattr(patch, "dynamic_img_pad", False):
@@ -105,8 +102,6 @@ def stack_blocker(encoder: nn.Module) -> str | None:
         return "pre-norm or final norm is not a plain LayerNorm"
     for i, blk in enumerate(encoder.blocks):
         attn, mlp = blk.attn, blk.mlp
-        if type(blk) is not Block or type(attn) is not Attention or type(mlp) is not Mlp:
-            return f"block {i} is not Block(Attention, Mlp)"
         # getattr: older timm releases have no attention norm or gate
         if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
                 and isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity)

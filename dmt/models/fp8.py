@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from dmt.errors import ConfigError
+from dmt.models.vit import plain_blocks_error
 
 E4M3 = getattr(torch, "float8_e4m3fn", None)
 E4M3_MAX = 448.0         # largest finite e4m3fn value
@@ -147,21 +148,9 @@ def probe_in_child(device: str) -> str | None:
 
 
 def fp8_blocker(encoder: nn.Module) -> str | None:
-    """Why `encoder`'s linears cannot be swapped (None when they can). Only plain timm ViT
-    blocks: other attention classes (BEiT, EVA) read `qkv.weight` directly."""
-    from timm.layers import Mlp
-    from timm.models.vision_transformer import Block, VisionTransformer
-    try:
-        from timm.layers.attention import Attention
-    except ImportError:  # timm < 1.0.16 kept it in the model file
-        from timm.models.vision_transformer import Attention
-    if type(encoder) is not VisionTransformer:
-        return f"{type(encoder).__name__} is not a plain timm VisionTransformer"
-    for i, block in enumerate(encoder.blocks):
-        if type(block) is not Block or type(block.attn) is not Attention \
-                or type(block.mlp) is not Mlp:
-            return f"block {i} is not Block(Attention, Mlp)"
-    return None
+    """Why `encoder`'s linears cannot be swapped (None when they can): only plain timm ViT
+    blocks (other attention classes read `qkv.weight` directly)."""
+    return plain_blocks_error(encoder)
 
 
 def convert_to_fp8(encoder: nn.Module, fast_accum: bool = True) -> int:

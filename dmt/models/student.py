@@ -4,10 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dmt.choices import ADAPTERS
 from dmt.errors import ConfigError
 from dmt.models.vit import create_vit
-
-ADAPTERS = ("linear", "identity", "mlp")
 
 
 def build_adapter(kind: str, in_dim: int, out_dim: int) -> nn.Module:

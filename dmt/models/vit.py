@@ -38,3 +38,22 @@ def create_vit(arch: str, img_size: int = 224, check_tiling: bool = True, **kwar
     if check_tiling and (reason := tiling_error(model, arch, img_size)):
         raise ConfigError(reason)
     return model
+
+
+def plain_blocks_error(encoder: nn.Module) -> str | None:
+    """Why `encoder` is not a plain timm VisionTransformer of Block(Attention, Mlp) (None
+    when it is): what code that rewrites its layers (stacking, FP8) relies on. Other
+    attention classes (BEiT, EVA) read their weights in ways such code does not see."""
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Block, VisionTransformer
+    try:
+        from timm.layers.attention import Attention
+    except ImportError:  # timm < 1.0.16 kept it in the model file
+        from timm.models.vision_transformer import Attention
+    if type(encoder) is not VisionTransformer:
+        return f"{type(encoder).__name__} is not a plain timm VisionTransformer"
+    for i, block in enumerate(encoder.blocks):
+        if type(block) is not Block or type(block.attn) is not Attention \
+                or type(block.mlp) is not Mlp:
+            return f"block {i} is not Block(Attention, Mlp)"
+    return None

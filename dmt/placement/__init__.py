@@ -2,11 +2,11 @@
 
 Usage in a trainer, on every rank after torch.distributed / deepspeed.init_distributed:
 
-    placement = build_placement(cfg.kind, cfg.teacher_ranks, method, micro_batch=B)
+    placement = build_placement("dedicated", teacher_ranks, method, micro_batch=B)
     if placement.role == "teacher":
         loaders = {s: build_loader(..., rank=r, world_size=w)
                    for s, (r, w) in zip(placement.students, placement.data_shards)}
-        placement.serve(loaders, steps=max_steps)
+        placement.serve(loaders, micro_batches=n)
     else:
         engine, *_ = deepspeed.initialize(model=student, optimizer=opt, config=ds,
                                           mpu=placement.mpu)
@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from dmt.choices import PLACEMENTS
 from dmt.errors import ConfigError
 from dmt.placement.colocated import Colocated
 from dmt.placement.dedicated import (DedicatedStudent, DedicatedTeacher, TargetsMismatchError,
@@ -29,7 +30,6 @@ from dmt.placement.dedicated import (DedicatedStudent, DedicatedTeacher, Targets
 from dmt.placement.groups import StudentGroups, group_timeout
 from dmt.placement.layout import RankLayout
 
-PLACEMENTS = ("colocated", "dedicated")
 
 __all__ = ["PLACEMENTS", "Colocated", "DedicatedStudent", "DedicatedTeacher", "RankLayout",
            "StudentGroups", "TargetsMismatchError", "build_placement", "comm_device"]
@@ -37,8 +37,7 @@ __all__ = ["PLACEMENTS", "Colocated", "DedicatedStudent", "DedicatedTeacher", "R
 
 def build_placement(kind: str, teacher_ranks: int = 0, method=None, *,
                     micro_batch: int | None = None, device: torch.device | str | None = None,
-                    transfer_dtype: torch.dtype = torch.bfloat16, prefetch: int = 2,
-                    check_every: int | None = None):
+                    transfer_dtype: torch.dtype = torch.bfloat16, prefetch: int = 2):
     """This rank's side of the placement; call it on every rank, in the same order.
 
     kind: "colocated" (teacher_ranks must be 0) or "dedicated" (the last `teacher_ranks`
@@ -68,5 +67,4 @@ def build_placement(kind: str, teacher_ranks: int = 0, method=None, *,
             raise ConfigError("a teacher rank needs the method with its teachers and micro_batch")
         return DedicatedTeacher(layout, groups, method, micro_batch, device, transfer_dtype,
                                 prefetch, stream_group=stream)
-    return DedicatedStudent(layout, groups, device, micro_batch, check_every,
-                            stream_group=stream)
+    return DedicatedStudent(layout, groups, device, micro_batch, stream_group=stream)

@@ -13,12 +13,11 @@ class Colocated:
     role = "student"
     kind = "colocated"
 
-    def __init__(self, method, rank: int | None = None, world_size: int | None = None):
+    def __init__(self, method):
         initialised = dist.is_available() and dist.is_initialized()
         self.method = method
-        self.data_rank = rank if rank is not None else (dist.get_rank() if initialised else 0)
-        self.data_world_size = world_size if world_size is not None else (
-            dist.get_world_size() if initialised else 1)
+        self.data_rank = dist.get_rank() if initialised else 0
+        self.data_world_size = dist.get_world_size() if initialised else 1
         self.mpu = None  # DeepSpeed's default: data parallelism over the whole world
 
     def targets(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Student rank s is served by teacher rank layout.teacher_of(s). A teacher rank loads the
 very batches its students load (same data shard: the student's rank among the S student
-ranks), computes the fused targets, and sends them in half precision. Pipelining: a
+ranks), computes the fused targets, and sends them in the transfer dtype (bfloat16 by
+default). Pipelining: a
 student keeps `prefetch` receives posted ahead of the batch it trains on, so the teacher
 computes and sends batch i+1.. while the student trains on batch i.
 
@@ -75,7 +76,7 @@ class DedicatedStudent:
 
     def __init__(self, layout: RankLayout, groups: StudentGroups,
                  device: torch.device | None = None, micro_batch: int | None = None,
-                 check_every: int | None = None, stream_group=None):
+                 stream_group=None):
         self.rank = dist.get_rank()
         self.layout, self.mpu, self.stream = layout, groups, stream_group
         self.teacher = layout.teacher_of(self.rank)
@@ -90,11 +91,11 @@ class DedicatedStudent:
             raise ConfigError(f"student rank {self.rank} uses micro-batch {micro_batch} but its "
                               f"teacher rank {self.teacher} sends {batch}")
         self.wire = _Wire(batch, tokens, dim, TRANSFER_DTYPES[code])
-        # Checking indices reads a device value: every step on CPU, every 100 on GPUs.
-        self.check_every = check_every or (1 if self.comm_device.type == "cpu" else 100)
+        # Checking indices reads a device value: every batch on CPU, every 100 on GPUs.
+        self.check_every = 1 if self.comm_device.type == "cpu" else 100
         self._mismatch = torch.zeros((), dtype=torch.int64, device=self.comm_device)
         self._pending: deque[tuple[torch.Tensor, object]] = deque()
-        self._steps, self._ended = 0, False
+        self._received, self._ended = 0, False
         for _ in range(self.prefetch):
             self._post()
 
@@ -121,8 +122,8 @@ class DedicatedStudent:
         if "index" in batch:
             sent = self.wire.indices(buf)[:n]
             self._mismatch += (sent != to_device(batch["index"], sent.device)).sum()
-        self._steps += 1
-        if self._steps % self.check_every == 0:
+        self._received += 1
+        if self._received % self.check_every == 0:
             self._check()
         return self.wire.targets(buf)[:n].to(self.device, torch.float32, non_blocking=True)
 
@@ -185,24 +186,19 @@ class DedicatedTeacher:
             out[n:].zero_()
         return buf
 
-    def serve(self, batches: Mapping[int, Iterable] | Iterable, steps: int | None = None,
-              on_step: Callable[[int], None] | None = None) -> int:
-        """Serves until a student's batches run out or `steps` batches were sent; returns
-        the number of batches served. `batches`: {student_rank: iterable} (one per entry
-        of data_shards), or a single iterable when this rank serves one student.
-        on_step(step) runs after step's targets are sent (e.g. join_checkpoint)."""
-        if not isinstance(batches, Mapping):
-            if len(self.students) != 1:
-                raise ConfigError(f"teacher rank {self.rank} serves {self.students}: pass "
-                                  "{student_rank: batches} for each")
-            batches = {self.students[0]: batches}
+    def serve(self, batches: Mapping[int, Iterable], micro_batches: int | None = None,
+              after_each: Callable[[int], None] | None = None) -> int:
+        """Serves until a student's batches run out or `micro_batches` were sent to each;
+        returns how many were. `batches`: {student_rank: iterable of micro-batches}, one per
+        entry of data_shards. after_each(n) runs once the n-th micro-batch's targets are
+        sent (the trainer joins the students' checkpoints there)."""
         if sorted(batches) != sorted(self.students):
             raise ConfigError(f"teacher rank {self.rank} serves {self.students}, "
                               f"got batches for {sorted(batches)}")
         iterators = {s: iter(batches[s]) for s in self.students}
         inflight: deque[tuple[torch.Tensor, object]] = deque()
         served = 0
-        while steps is None or served < steps:
+        while micro_batches is None or served < micro_batches:
             try:
                 group = [next(iterators[s]) for s in self.students]
             except StopIteration:
@@ -220,8 +216,8 @@ class DedicatedTeacher:
             while len(inflight) > self.prefetch * len(self.students):
                 self._sent(inflight.popleft()[1])
             served += 1
-            if on_step is not None:
-                on_step(served)
+            if after_each is not None:
+                after_each(served)
         end = self.wire.empty(self.comm_device)
         self.wire.indices(end).fill_(PAD)
         self.wire.indices(end)[0] = END

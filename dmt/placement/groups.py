@@ -34,7 +34,6 @@ class StudentGroups:
         # One single-rank group per student: model-parallel collectives become no-ops.
         singles = {r: dist.new_group([r], timeout=group_timeout()) for r in self.student_ranks}
         self._mp_group = singles.get(self.rank)
-        self.is_student = self.rank in self.student_ranks
 
     # data parallelism: the student ranks only
     def get_data_parallel_group(self):

@@ -35,10 +35,6 @@ class RankLayout:
     def student_ranks(self) -> list[int]:
         return list(range(self.num_students))
 
-    @property
-    def teacher_ranks_list(self) -> list[int]:
-        return list(range(self.num_students, self.world_size))
-
     def is_teacher(self, rank: int) -> bool:
         return rank >= self.num_students
 
