@@ -61,6 +61,8 @@ def ds_config(batch: int, precision: str, zero_stage: int, data_ranks: int = 1) 
     over `data_ranks` ranks with no accumulation; overlap_comm as the trainer decides it."""
     ds = read_ds_config(DS_CONFIGS / f"zero2_{precision}.json")
     ds["zero_optimization"]["stage"] = zero_stage
+    if "fp16" in ds:  # a low first loss scale: warm-up overflows would skip measured steps
+        ds["fp16"]["initial_scale_power"] = 12
     ds.update(train_batch_size=batch, train_micro_batch_size_per_gpu=batch // data_ranks,
               gradient_accumulation_steps=1)
     return add_runtime_settings(ds, data_ranks)

@@ -367,9 +367,10 @@ def _notes(cfg: Config, device, matmul_rates: dict) -> list[str]:
         notes.append("CPU: the peak is a measured fp32 matmul rate, not a data-sheet figure; "
                      "memory is the peak of allocated host bytes (glibc), which includes the "
                      "interpreter and libraries. CPU timings say nothing about GPU speed.")
-        if cfg.reference_precision == "fp32" and matmul_rates:
-            fp32 = matmul_rates["fp32"]["gflops"]
-            half = max(matmul_rates[k]["gflops"] for k in ("bf16", "fp16"))
+        fp32 = matmul_rates.get("fp32", {}).get("gflops", 0)
+        half = max((matmul_rates[k]["gflops"] for k in ("bf16", "fp16") if k in matmul_rates),
+                   default=0)
+        if cfg.reference_precision == "fp32" and half and fp32 / half >= 2:
             notes.append(f"CPU reference runs fp32 without autocast: fp16/bf16 matmuls are "
                          f"{fp32 / half:.0f}x slower than fp32 on this CPU (matmul_rates), so "
                          "the GPU recipe's fp16 autocast would only measure that.")

@@ -21,6 +21,19 @@ class StorageError(DMTError):
     """A file dmt writes could not be written: a full disk, a read-only folder, a quota."""
 
 
+# How torch's zip writer (torch.save) reports a write the system refused or cut short.
+_TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed", "open file failed",
+                         "file write failed")
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """Whether `err` is the system refusing a write (rather than, say, a collective or an
+    out-of-memory error, which torch also raises as RuntimeError)."""
+    if isinstance(err, OSError):
+        return True
+    return isinstance(err, RuntimeError) and any(s in str(err) for s in _TORCH_WRITE_FAILURES)
+
+
 def storage_error(path, err: BaseException, what: str = "") -> StorageError:
     """One line for a failed write of `path`: the system's reason and the space left there
     (torch.save reports a full disk only as "unexpected pos ...")."""

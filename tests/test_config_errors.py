@@ -423,7 +423,7 @@ def test_every_config_choice_is_implemented():
     from dmt.losses import DistillationLoss, fuse_teachers
     from dmt.methods import METHODS
     from dmt.models import CHECKPOINT_FORMATS
-    from dmt.models.fast import STACK_CHOICES
+    from dmt.models.fast import STACK_IS_FASTER, _resolve_stack
     from dmt.models.student import build_adapter
     from dmt.placement import build_placement
 
@@ -431,7 +431,8 @@ def test_every_config_choice_is_implemented():
     assert set(METHODS) == set(choices.METHODS)
     assert set(DTYPES) == set(choices.DTYPES)
     assert set(CHECKPOINT_FORMATS) | {"random"} == set(choices.TEACHER_KINDS)
-    assert set(choices.STACK) <= set(STACK_CHOICES)
+    assert [_resolve_stack(s, "cpu") for s in choices.STACK] == [STACK_IS_FASTER["cpu"], True,
+                                                                  False]  # auto, always, never
     tokens = [torch.randn(2, 5, 8), torch.randn(2, 5, 8)]
     for fusion in choices.FUSIONS:
         assert fuse_teachers(tokens, fusion, [1.0, 2.0]).shape == (2, 5, 8)

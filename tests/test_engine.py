@@ -1,5 +1,6 @@
 """End-to-end training runs through the real launchers and a real DeepSpeed engine (CPU, gloo)."""
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -280,8 +281,16 @@ def test_resume_follows_the_config_and_a_checkpoint_without_pointer(tmp_path, im
     # A launch that finds the run complete trains nothing and keeps the run's config.
     config = (run_dir / "config.yaml").read_text()
     assert "weight_decay: 0.125" in config
+    student = run_dir / "student_vit_tiny_patch16_224.pth"
+    exported = student.stat().st_mtime_ns
     done = check(run_pretrain(cfg, "--resume", "auto", "run.max_steps=4", "optim.lr=0.5"))
     assert "already complete" in done.stdout and (run_dir / "config.yaml").read_text() == config
+    assert student.stat().st_mtime_ns == exported  # up to date: not written again
+    # An export older than the checkpoint (its write failed, leaving an earlier one) is
+    # written again by the next launch.
+    os.utime(student, (0, 0))
+    check(run_pretrain(cfg, "--resume", "auto", "run.max_steps=4"))
+    assert student.stat().st_mtime > 0
 
 
 def test_a_run_directory_in_use_is_refused(tmp_path, images):

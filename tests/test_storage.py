@@ -133,8 +133,9 @@ def test_a_run_that_cannot_write_its_checkpoint_stops_with_one_line(tmp_path, im
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert f"cannot write checkpoint step00000004 to {run_dir}/checkpoints/.tmp" in errors[0]
     assert "the file was cut short" in errors[0]
-    assert f"the last complete checkpoint, {run_dir}/checkpoints/step00000002, is intact" \
-        in errors[0]
+    last = f"{run_dir}/checkpoints/step00000002"
+    assert f"the last complete checkpoint, {last}, is intact" in errors[0]
+    assert f"then --resume {last} continues from it" in errors[0]
     assert not (run_dir / "checkpoints" / ".tmp").exists()
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000002"
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
@@ -149,8 +150,8 @@ def test_a_save_cut_before_its_pointer_leaves_the_pointer_on_a_complete_checkpoi
     _save(root, 2, _Engine())
     real_replace = ckpt.os.replace
 
-    def rename_fails(src, dst):
-        if str(dst).endswith("step00000004"):
+    def rename_fails(src, dst):  # the finished part's rename only
+        if str(src).endswith(".tmp/step00000004"):
             raise OSError(errno.EACCES, os.strerror(errno.EACCES))
         real_replace(src, dst)
 
@@ -158,6 +159,18 @@ def test_a_save_cut_before_its_pointer_leaves_the_pointer_on_a_complete_checkpoi
     with pytest.raises(StorageError, match="cannot write checkpoint step00000004 to"):
         _save(root, 4, _Engine())
     assert ckpt.find_checkpoint("auto", tmp_path).name == "step00000002"
+    assert not (root / ".tmp").exists()  # the part went at once
+    # The same step saved again (after a resume from an older checkpoint): a failed rename
+    # puts the step's earlier save back.
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    _save(root, 4, _Engine())
+    (root / "step00000004" / "earlier").write_text("kept")
+    monkeypatch.setattr(ckpt.os, "replace", rename_fails)
+    with pytest.raises(StorageError, match="cannot write checkpoint step00000004 to"):
+        _save(root, 4, _Engine())
+    assert (root / "step00000004" / "earlier").read_text() == "kept"
+    assert not (root / ".tmp").exists()
+    (root / ckpt.LATEST).write_text("step00000002")
 
     def pointer_fails(src, dst):
         if str(dst).endswith(ckpt.LATEST):
@@ -168,9 +181,20 @@ def test_a_save_cut_before_its_pointer_leaves_the_pointer_on_a_complete_checkpoi
     with pytest.raises(StorageError, match=f"cannot write {root}/latest"):
         _save(root, 6, _Engine())
     assert (root / ckpt.LATEST).read_text() == "step00000002"
-    # step 6 is complete, though: without a pointer that still names a checkpoint,
-    # --resume auto would take it (here the pointer is intact and rules).
-    assert ckpt.find_checkpoint("auto", tmp_path).name == "step00000002"
+    assert ckpt.find_checkpoint("auto", tmp_path).name == "step00000002"  # the pointer rules
+    assert not (root / ".tmp").exists()
+
+
+def test_an_error_that_is_not_the_disks_is_not_called_a_storage_failure(tmp_path):
+    """A collective that times out or memory that runs out during a save raise
+    RuntimeError too: they pass through as they are, not as "cannot write"."""
+    class Stalled(_Engine):
+        def save_checkpoint(self, root, tag, client_state, save_latest):
+            raise RuntimeError("[/pytorch/gloo] Timed out waiting 1800000ms for recv")
+
+    with pytest.raises(RuntimeError, match="Timed out waiting") as failure:
+        _save(tmp_path / "checkpoints", 2, Stalled())
+    assert not isinstance(failure.value, StorageError)
 
 
 def test_retention_counts_only_up_to_the_step_just_saved(tmp_path):

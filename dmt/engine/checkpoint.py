@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from dmt.config import flatten, resolve_path, used_teachers
 from dmt.engine.distributed import any_rank, barrier, ranks_agreeing
-from dmt.errors import CheckpointError, storage_error
+from dmt.errors import CheckpointError, StorageError, is_write_failure, storage_error
 from dmt.models import backbone_state_dict
 
 LATEST = "latest"
@@ -73,15 +73,16 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(engine, ckpt_root: Path, step: int, trainer_state: dict, rank: int,
-                    keep_last: int, group=None) -> Path:
+                    keep_last: int, group=None, sole_writer: bool = True) -> Path:
     """Collective over the student ranks (`group`; dedicated teacher ranks join DeepSpeed's
-    own world-wide collectives separately). Returns the final checkpoint directory."""
+    own world-wide collectives separately). Returns the final checkpoint directory.
+    sole_writer: no other launch can be saving into ckpt_root (the run lock holds)."""
     tag = checkpoint_tag(step)
     tmp_root, final = ckpt_root / ".tmp", ckpt_root / tag
     if rank == 0:
-        # Saves follow one another (the run lock keeps other launches out): anything here
-        # is left over from a save that failed, possibly of another step. It frees space.
-        shutil.rmtree(tmp_root, ignore_errors=True)
+        # Saves of one launch follow one another: with the run lock held, anything here is
+        # left over from a save that failed, possibly of another step. It frees space.
+        shutil.rmtree(tmp_root if sole_writer else tmp_root / tag, ignore_errors=True)
         try:
             tmp_root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -91,30 +92,48 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, trainer_state: dict, ran
         engine.save_checkpoint(str(tmp_root), tag=tag, client_state={"trainer": trainer_state},
                                save_latest=False)
         torch.save(rng_state(), tmp_root / tag / f"rng_rank{rank}.pt")
-    except (OSError, RuntimeError) as err:  # torch.save raises RuntimeError on a full disk
-        shutil.rmtree(tmp_root / tag, ignore_errors=True)  # the part written takes space
-        _remove_if_empty(tmp_root)
+    except (OSError, RuntimeError) as err:
+        if not is_write_failure(err):  # a collective, memory: not the disk's doing
+            raise
+        if not dist.is_initialized() or dist.get_world_size(group) == 1:
+            # The part written takes space. (With several ranks others may still be
+            # writing there: the next save removes it.)
+            shutil.rmtree(tmp_root / tag, ignore_errors=True)
+            _remove_if_empty(tmp_root)
         raise storage_error(tmp_root / tag, err, f"checkpoint {tag} to") from None
     barrier(group)
     if rank == 0:
-        write_atomic(tmp_root / tag / "trainer_state.json",
-                     json.dumps(trainer_state, indent=1).encode())
-        stale = None
-        try:
-            if final.exists():  # the same step saved again (a resume from an older one)
-                stale = tmp_root / f"{tag}.replaced"
-                shutil.rmtree(stale, ignore_errors=True)
-                os.replace(final, stale)
-            os.replace(tmp_root / tag, final)
-        except OSError as err:
-            raise storage_error(final, err, f"checkpoint {tag} to") from None
-        write_atomic(ckpt_root / LATEST, tag.encode())  # last: the save is complete
-        if stale is not None:
-            shutil.rmtree(stale, ignore_errors=True)
+        _complete(ckpt_root, tag, trainer_state)
         _remove_if_empty(tmp_root)
         _prune(ckpt_root, tag, keep_last)
     barrier(group)
     return final
+
+
+def _complete(ckpt_root: Path, tag: str, trainer_state: dict) -> None:
+    """Rank 0, once every rank has written .tmp/<tag>: the trainer state, the rename, and
+    the `latest` pointer last. A failure before the rename leaves the checkpoints as they
+    were and deletes the part; a failed pointer write leaves `latest` where it was."""
+    tmp_root, final = ckpt_root / ".tmp", ckpt_root / tag
+    stale = tmp_root / f"{tag}.replaced"  # the same step saved before (an older resume)
+    shutil.rmtree(stale, ignore_errors=True)
+    try:
+        write_atomic(tmp_root / tag / "trainer_state.json",
+                     json.dumps(trainer_state, indent=1).encode())
+        if final.exists():
+            os.replace(final, stale)
+        os.replace(tmp_root / tag, final)
+        write_atomic(ckpt_root / LATEST, tag.encode())
+    except (OSError, StorageError) as err:
+        if stale.exists() and not final.exists():
+            os.replace(stale, final)  # the step's earlier save, back in place
+        shutil.rmtree(tmp_root / tag, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
+        _remove_if_empty(tmp_root)
+        if isinstance(err, StorageError):
+            raise
+        raise storage_error(final, err, f"checkpoint {tag} to") from None
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def _remove_if_empty(tmp_root: Path) -> None:
@@ -407,7 +426,9 @@ def export_student(ckpt_dir: Path, out: Path) -> Path:
         else:
             torch.save(state, tmp)
         os.replace(tmp, out)
-    except (OSError, RuntimeError, SafetensorError) as err:  # full disk: RuntimeError in torch
+    except (OSError, RuntimeError, SafetensorError) as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, RuntimeError) and not is_write_failure(err):
+            raise
         raise storage_error(out, err, "the exported student") from None
     return out

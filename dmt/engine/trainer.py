@@ -172,12 +172,15 @@ def _train(cfg: dict, info: DistInfo, launch: Launch, run_lock: ExclusiveLock | 
 
     engine, optimizer, guard, group, without_rng = _build_engine(method, placement, launch,
                                                                  optim_cfg, info)
-    if info.is_main and state["global_step"] < schedule.total_steps:
-        # the run's config, once it has passed every check (a complete run keeps its own)
-        ckpt.write_atomic(launch.run_dir / "config.yaml", dump_config(cfg).encode())
     log.close()
-    log = RunLogger(launch.run_dir, schedule.total_steps, info.is_main, run_cfg["progress"],
-                    run_cfg["tensorboard"], start_step=state["global_step"])
+    try:
+        if info.is_main and state["global_step"] < schedule.total_steps:
+            # the run's config, once it has passed every check (a complete run keeps its own)
+            ckpt.write_atomic(launch.run_dir / "config.yaml", dump_config(cfg).encode())
+        log = RunLogger(launch.run_dir, schedule.total_steps, info.is_main, run_cfg["progress"],
+                        run_cfg["tensorboard"], start_step=state["global_step"])
+    except StorageError as err:
+        raise _with_last_checkpoint(err, launch.resume_from) from None
     _announce(cfg, launch, teachers, loaders[0], data_path, schedule, state, without_rng, log)
 
     loader, accum, total_steps = loaders[0], launch.accum, schedule.total_steps
@@ -228,9 +231,10 @@ def _train(cfg: dict, info: DistInfo, launch: Launch, run_lock: ExclusiveLock | 
                                "zero_stage": engine.zero_optimization_stage(),
                                "teacher_files": launch.teacher_files,
                                "num_samples": loader.num_samples, "data_path": str(data_path)}
-                last_ckpt = ckpt.save_checkpoint(engine, launch.run_dir / "checkpoints",
-                                                 state["global_step"], saved_state, info.rank,
-                                                 run_cfg["keep_last"], group=group)
+                last_ckpt = ckpt.save_checkpoint(
+                    engine, launch.run_dir / "checkpoints", state["global_step"], saved_state,
+                    info.rank, run_cfg["keep_last"], group=group,
+                    sole_writer=not (run_lock is not None and run_lock.unsupported))
                 window_start = time.perf_counter()  # checkpoint time is not training time
     except StorageError as err:  # a full disk, a read-only folder: say what is safe
         raise _with_last_checkpoint(err, last_ckpt) from None
@@ -240,18 +244,16 @@ def _train(cfg: dict, info: DistInfo, launch: Launch, run_lock: ExclusiveLock | 
         log.warn(f"stopped by {signal.Signals(stopped_by).name} at step {state['global_step']}"
                  f" of {total_steps}; checkpoint {last_ckpt}: --resume auto continues the run")
     placement.close()
-    try:
-        return _finish(cfg, launch, loader, state, total_steps, start_step, last_ckpt,
-                       stopped_by, time.perf_counter() - train_start, info, group, log)
-    except StorageError as err:
-        raise _with_last_checkpoint(err, last_ckpt) from None
+    return _finish(cfg, launch, loader, state, total_steps, start_step, last_ckpt, stopped_by,
+                   train_start, info, group, log)
 
 
 def _with_last_checkpoint(err: StorageError, last_ckpt) -> StorageError:
     if last_ckpt is None:
         return StorageError(f"{err}; no checkpoint was saved yet")
     return StorageError(f"{err}; the last complete checkpoint, {last_ckpt}, is intact: free "
-                        "space (or fix the permissions) and --resume auto continues from it")
+                        f"space (or fix the permissions), then --resume {last_ckpt} continues "
+                        "from it")
 
 
 def _build_models(cfg: dict, info: DistInfo, dp_world: int, log: RunLogger):
@@ -347,7 +349,8 @@ def _announce(cfg: dict, launch: Launch, teachers, loader, data_path, schedule: 
         log.info(f"changed since the checkpoint, applied from this step on: {change}")
     _warn_if_schedule_moved(launch.saved["config"], cfg, state["global_step"],
                             schedule.steps_per_epoch, log)
-    _warn_if_disk_is_short(launch.resume_from, run_dir, log)
+    if state["global_step"] < schedule.total_steps:
+        _warn_if_disk_is_short(launch.resume_from, run_dir, log)
     if without_rng:  # the data order does not depend on it; drop-path and dropout do
         log.warn(f"{without_rng} of {launch.dp_world} student rank(s) found no rng_rank<r>.pt "
                  f"in {launch.resume_from}: their random state starts again from the seed, "
@@ -408,16 +411,25 @@ def _report_new_skips(loader, reported: int, epoch: int, run_dir: Path, log: Run
 
 
 def _finish(cfg: dict, launch: Launch, loader, state: dict, total_steps: int, start_step: int,
-            last_ckpt, stopped_by: int, wall: float, info: DistInfo, group,
+            last_ckpt, stopped_by: int, train_start: float, info: DistInfo, group,
             log: RunLogger) -> dict:
     """After the last step: the skipped-file list, the exported student, the summary."""
     run_cfg, run_dir = cfg["run"], launch.run_dir
     skipped = _record_skipped(loader, run_dir, info, group, log)
     exported, export_file = None, run_dir / f"student_{cfg['model']['arch']}.pth"
     if run_cfg["export"] and last_ckpt is not None and info.is_main and not stopped_by:
-        trained = state["global_step"] > start_step or not export_file.exists()
-        exported = ckpt.export_student(last_ckpt, export_file) if trained else export_file
+        # An export older than the checkpoint (its write failed, or it predates a longer
+        # run) is written again.
+        current = (export_file.exists() and export_file.stat().st_mtime
+                   >= (last_ckpt / "trainer_state.json").stat().st_mtime)
+        try:
+            exported = export_file if current else ckpt.export_student(last_ckpt, export_file)
+        except StorageError as err:
+            raise StorageError(f"{err}; the checkpoint {last_ckpt} is complete: free space, "
+                               f"then python launch/export.py {last_ckpt} --out "
+                               f"{export_file}") from None
     barrier(group)
+    wall = time.perf_counter() - train_start
     steps_run = state["global_step"] - start_step
     log.summary({
         "run directory": str(run_dir),
@@ -455,6 +467,8 @@ def _lock_run(run_dir: Path, info: DistInfo) -> ExclusiveLock | None:
         except OSError as err:  # read-only, full, no permission: every rank must hear of it
             failed = f"{err.strerror or err}: {err.filename or run_dir}"
     if any_rank(busy is not None or failed is not None, info.device):
+        if lock is not None:  # taken before the writability check failed
+            lock.release()
         if busy:
             raise ConfigError(f"{run_dir} is in use by another launch ({busy}): wait for it to "
                               "end, or choose another run.name / run.output_dir")
@@ -477,7 +491,7 @@ def _record_skipped(loader, run_dir: Path, info: DistInfo, group, log: RunLogger
             known = set(listing.read_text().splitlines()) if listing.exists() else set()
             if not found <= known:
                 ckpt.write_atomic(listing, "".join(f"{p}\n" for p in sorted(known | found)).encode())
-        except OSError as err:  # a list is not worth stopping the run for
+        except (OSError, StorageError) as err:  # a list is not worth stopping the run for
             log.warn(f"could not write the list of skipped files {listing}: {err}")
     return len(found)
 
