@@ -5,7 +5,8 @@
     for batch in loader:  # batch["teacher"], batch["student"]: float32 [B, 3, S, S]
         ...
 
-Adding a source = one module with a DualViewLoader subclass + one line in BACKENDS.
+Adding a source = one module with a DualViewLoader subclass, one line in BACKENDS, and
+its name in dmt/choices.py (DATA_PATH: what its data.path names) for the config check.
 Modules are imported on first use, so DALI or FFCV are needed only when chosen.
 """
 import importlib
