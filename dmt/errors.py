@@ -1,4 +1,6 @@
 """One exception family, so users can tell dmt's own diagnostics from crashes."""
+import shutil
+from pathlib import Path
 
 
 class DMTError(Exception):
@@ -37,9 +39,6 @@ def is_write_failure(err: BaseException) -> bool:
 def storage_error(path, err: BaseException, what: str = "") -> StorageError:
     """One line for a failed write of `path`: the system's reason and the space left there
     (torch.save reports a full disk only as "unexpected pos ...")."""
-    import shutil
-    from pathlib import Path
-
     if isinstance(err, OSError) and err.strerror:
         reason = err.strerror
     elif "unexpected pos" in str(err):  # torch's zip writer, when a write comes up short
