@@ -1,6 +1,14 @@
-"""The values each choice-valued config key may take, in one place. The config check
-reads them here; the module that implements a choice imports its list from here, and
-tests/test_config_errors.py checks that every value is implemented."""
+"""The values each choice-valued config key may take, in one place: the config check
+reads them here. Plain lists (fusions, distances, adapters, placements...) are imported
+from here by the module that implements them; registries keyed by name (data backends,
+checkpoint kinds, methods, dtypes) are checked against these lists, and every value is
+run once, by tests/test_config_errors.py::test_every_config_choice_is_implemented.
+
+Adding a value: its name here, its implementation (a branch or a registry entry), and a
+reference for it in that test. A teacher kind also needs a reader in
+dmt.models.checkpoints.CHECKPOINT_FORMATS, its input statistics in FORMAT_NORMALIZATION,
+and its file layout in likely_kinds.
+"""
 
 TEACHER_KINDS = ("mae", "mocov3", "ibot", "dino", "timm", "random")
 ADAPTERS = ("linear", "identity", "mlp")

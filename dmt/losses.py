@@ -22,15 +22,16 @@ def fuse_teachers(tokens: Sequence[torch.Tensor], mode: str = "sum",
     "sum" is the paper's fusion (no weights, no temperature); "mean" divides by M;
     "weighted" uses one weight per teacher.
     """
-    if mode not in FUSIONS:
-        raise ValueError(f"unknown fusion '{mode}'; choose from {FUSIONS}")
     if mode == "sum":
         weights = [1.0] * len(tokens)
     elif mode == "mean":
         weights = [1.0 / len(tokens)] * len(tokens)
-    elif weights is None or len(weights) != len(tokens):
-        raise ValueError(f"fusion 'weighted' needs one weight per teacher ({len(tokens)}), "
-                         f"got {weights}")
+    elif mode == "weighted":
+        if weights is None or len(weights) != len(tokens):
+            raise ValueError(f"fusion 'weighted' needs one weight per teacher "
+                             f"({len(tokens)}), got {weights}")
+    else:  # a name in dmt.choices.FUSIONS without its branch here is refused, not summed
+        raise ValueError(f"unknown fusion '{mode}'; choose from {FUSIONS}")
     # A fresh fp32 buffer: also turns inference-mode teacher outputs into normal tensors.
     fused = torch.zeros(tokens[0].shape, dtype=torch.float32, device=tokens[0].device)
     for w, t in zip(weights, tokens):

@@ -416,32 +416,45 @@ def test_a_truncated_teacher_checkpoint_is_named_in_one_line(tmp_path):
 
 
 def test_every_config_choice_is_implemented():
-    """dmt/choices.py is what the config accepts: each value must build for real."""
+    """dmt/choices.py is what the config accepts: each value is implemented, and where it
+    computes something, computes what its name says (a name added without its code would
+    otherwise pass the config check and do something else)."""
+    import importlib.util
+
     from dmt import choices
     from dmt.build import DTYPES
     from dmt.data import BACKENDS
     from dmt.losses import DistillationLoss, fuse_teachers
     from dmt.methods import METHODS
     from dmt.models import CHECKPOINT_FORMATS
+    from dmt.models.checkpoints import FORMAT_NORMALIZATION
     from dmt.models.fast import STACK_IS_FASTER, _resolve_stack
     from dmt.models.student import build_adapter
     from dmt.placement import build_placement
 
-    assert set(BACKENDS) == set(choices.BACKENDS) == set(choices.DATA_PATH)
+    assert set(BACKENDS) == set(choices.BACKENDS)
+    for module, cls, _ in BACKENDS.values():  # found without importing DALI or FFCV
+        source = importlib.util.find_spec(module).origin
+        assert f"class {cls}(" in open(source).read(), (module, cls)
     assert set(METHODS) == set(choices.METHODS)
-    assert set(DTYPES) == set(choices.DTYPES)
+    assert {name: DTYPES[name] for name in choices.DTYPES} == {
+        name: getattr(torch, name) for name in choices.DTYPES}
     assert set(CHECKPOINT_FORMATS) | {"random"} == set(choices.TEACHER_KINDS)
+    assert set(FORMAT_NORMALIZATION) == set(CHECKPOINT_FORMATS)
     assert [_resolve_stack(s, "cpu") for s in choices.STACK] == [STACK_IS_FASTER["cpu"], True,
                                                                   False]  # auto, always, never
-    tokens = [torch.randn(2, 5, 8), torch.randn(2, 5, 8)]
+    a, b = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    expected = {"sum": a + b, "mean": (a + b) / 2, "weighted": 1.0 * a + 2.0 * b}
     for fusion in choices.FUSIONS:
-        assert fuse_teachers(tokens, fusion, [1.0, 2.0]).shape == (2, 5, 8)
+        torch.testing.assert_close(fuse_teachers([a, b], fusion, [1.0, 2.0]), expected[fusion])
+    with pytest.raises(ValueError, match="unknown fusion 'max'"):
+        fuse_teachers([a, b], "max")
     for distance in choices.DISTANCES:
         for direction in choices.DIRECTIONS:
             loss = DistillationLoss(choices.LOSS_TERMS, distance, direction)
-            assert torch.isfinite(loss(tokens[0], tokens[1])["loss"])
+            assert torch.isfinite(loss(a, b)["loss"])
     for adapter in choices.ADAPTERS:
-        assert build_adapter(adapter, 8, 8)(tokens[0]).shape == (2, 5, 8)
+        assert build_adapter(adapter, 8, 8)(a).shape == (2, 5, 8)
     for placement in choices.PLACEMENTS:
         try:
             built = build_placement(placement, int(placement != "colocated"), method=object())

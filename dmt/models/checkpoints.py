@@ -111,12 +111,16 @@ def timm_encoder(obj: dict, path: Path) -> dict:
     return state
 
 
-# Every official self-supervised recipe (MAE, MoCo v3, iBOT, DINO) normalises its input
-# with the ImageNet mean/std; timm's default config for the same arch name says 0.5/0.5.
+# The input statistics each kind's model was trained with. Every official self-supervised
+# recipe (MAE, MoCo v3, iBOT, DINO) normalises with the ImageNet mean/std, although timm's
+# default config for the same arch name says 0.5/0.5; a timm file (None) follows timm's.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-FORMAT_NORMALIZATION = {kind: (IMAGENET_MEAN, IMAGENET_STD)
-                        for kind in ("mae", "mocov3", "ibot", "dino")}
+FORMAT_NORMALIZATION = {"mae": (IMAGENET_MEAN, IMAGENET_STD),
+                        "mocov3": (IMAGENET_MEAN, IMAGENET_STD),
+                        "ibot": (IMAGENET_MEAN, IMAGENET_STD),
+                        "dino": (IMAGENET_MEAN, IMAGENET_STD),
+                        "timm": None}
 
 CHECKPOINT_FORMATS = {
     "mae": mae_encoder,

@@ -138,7 +138,7 @@ def load_teacher(kind: str, checkpoint: str | Path | None, arch: str = "vit_base
         load_encoder_strict(encoder, state, f"{path} (kind '{kind}', arch '{arch}')")
     except CheckpointError as err:  # a file of another kind is the likeliest cause: say so
         raise CheckpointError(f"{err}{kind_hint(raw, kind)}") from None
-    mean, std = FORMAT_NORMALIZATION.get(kind, (None, None))
+    mean, std = FORMAT_NORMALIZATION[kind] or (None, None)
     return FrozenTeacher(encoder, name, dtype, mean=mean, std=std)
 
 
