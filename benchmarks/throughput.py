@@ -229,17 +229,7 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
     dtype = DTYPES[cfg.precision]
     student_dtype = dtype  # the engine's dtype: the trainer casts the student view to it
 
-    # --- peak FLOP/s: the data sheet on known GPUs, a measured matmul elsewhere
-    peak = device_peak_flops(device, dtype, measure_if_unknown=True)
-    matmul_rates = {}
-    if device.type == "cpu":
-        for name in ("fp32", "bf16", "fp16"):
-            rate, size = measure_matmul_flops(device, DTYPES[name], size=512, repeats=2,
-                                              min_seconds=0.1)
-            matmul_rates[name] = {"gflops": round(rate / 1e9, 2), "size": size}
-    print(f"peak: {peak.source} = {peak.flops / 1e12 if peak.flops else float('nan'):.3f} "
-          f"TFLOP/s", flush=True)
-
+    peak, matmul_rates = _peaks(device, dtype)
     variants, choice, rows, profile, placement_rows = [], None, [], None, []
 
     partial = out.with_name(out.name + ".partial")
@@ -291,48 +281,8 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
     for student_arch, m, source in cells:
         label = f"{SHORT.get(student_arch, student_arch)} + {m} x {SHORT.get(cfg.teacher_arch)}"
         print(f"{label}, data {source}:", flush=True)
-
-        def fast_builder(batch, student_arch=student_arch, m=m):
-            return build_fast(cfg, bank, student_arch, m, batch, device, choice)
-
-        def ref_builder(batch, student_arch=student_arch, m=m):
-            return build_reference(cfg, bank, student_arch, m, batch, device)
-
-        if fixed_batch is None:
-            candidates = BATCH_CANDIDATES
-            if m and choice["compile"]:
-                # Find the batch with eager teachers (one step each): a compiled teacher
-                # would recompile for every candidate, including those that then run out
-                # of memory.
-                def eager_builder(batch, student_arch=student_arch, m=m):
-                    return build_fast(cfg, bank, student_arch, m, batch, device,
-                                      dict(choice, compile=False))
-                fit, _ = run_path_auto(eager_builder, cfg, source, device, student_dtype,
-                                       candidates, steps=1, warmup=1)
-                # One size above: compiled code often needs less activation memory. With
-                # CUDA graphs one size below: their private memory pool is not shared with
-                # the student, and running out of memory while a graph is captured can
-                # leave the CUDA context unusable rather than raise a catchable OOM.
-                graphs = choice["compile"] in ("reduce-overhead", "max-autotune")
-                i = BATCH_CANDIDATES.index(fit)
-                candidates = BATCH_CANDIDATES[min(i + 1, len(BATCH_CANDIDATES) - 1)
-                                              if graphs else max(0, i - 1):]
-            batch, fast = run_path_auto(fast_builder, cfg, source, device, student_dtype,
-                                        candidates)
-            ref_batch, ref = run_path_auto(ref_builder, cfg, source, device, torch.float32,
-                                           [b for b in BATCH_CANDIDATES if b <= batch])
-        else:
-            batch = ref_batch = fixed_batch
-            fast = run_path(fast_builder, cfg, source, batch, device, student_dtype)
-            ref = run_path(ref_builder, cfg, source, batch, device, torch.float32)
-        speedup = fast["images_per_s"] / ref["images_per_s"]
-        rows.append(result_row(cfg, student_arch, m, "colocated", source, "fast", batch, fast, peak,
-                         {"speedup_vs_reference": speedup,
-                          "teacher_path": choice if m else None}))
-        rows.append(result_row(cfg, student_arch, m, "colocated", source, "reference", ref_batch, ref,
-                         peak))
-        print(f"  fast {fast['images_per_s']:.1f} img/s, reference {ref['images_per_s']:.1f} "
-              f"img/s (batch {batch}/{ref_batch}): {speedup:.2f}x", flush=True)
+        rows.extend(measure_cell(cfg, bank, device, choice, student_arch, m, source,
+                                 fixed_batch, peak))
         save()
 
     # --- 3. where the time goes in one cell
@@ -353,6 +303,70 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
     print_table(payload)
     print(f"wrote {out} ({payload['wall_s']} s)")
     return out
+
+
+def _peaks(device: torch.device, dtype: torch.dtype) -> tuple:
+    """The peak FLOP/s MFU is measured against (the data sheet on known GPUs, a measured
+    matmul elsewhere) and, on CPUs, the measured matmul rate of each precision."""
+    peak = device_peak_flops(device, dtype, measure_if_unknown=True)
+    matmul_rates = {}
+    if device.type == "cpu":
+        for name in ("fp32", "bf16", "fp16"):
+            rate, size = measure_matmul_flops(device, DTYPES[name], size=512, repeats=2,
+                                              min_seconds=0.1)
+            matmul_rates[name] = {"gflops": round(rate / 1e9, 2), "size": size}
+    print(f"peak: {peak.source} = {peak.flops / 1e12 if peak.flops else float('nan'):.3f} "
+          f"TFLOP/s", flush=True)
+    return peak, matmul_rates
+
+
+def measure_cell(cfg: Config, bank: TeacherBank, device: torch.device, choice: dict,
+                 student_arch: str, m: int, source: str, fixed_batch: int | None,
+                 peak) -> list[dict]:
+    """One cell of the matrix: dmt's fast step and the reference step on the same data,
+    each at the largest micro-batch that fits (auto) or at `fixed_batch`."""
+    student_dtype = DTYPES[cfg.precision]  # the engine's: the trainer casts the view to it
+
+    def fast_builder(batch):
+        return build_fast(cfg, bank, student_arch, m, batch, device, choice)
+
+    def ref_builder(batch):
+        return build_reference(cfg, bank, student_arch, m, batch, device)
+
+    if fixed_batch is None:
+        candidates = BATCH_CANDIDATES
+        if m and choice["compile"]:
+            # Find the batch with eager teachers (one step each): a compiled teacher
+            # would recompile for every candidate, including those that then run out
+            # of memory.
+            def eager_builder(batch):
+                return build_fast(cfg, bank, student_arch, m, batch, device,
+                                  dict(choice, compile=False))
+            fit, _ = run_path_auto(eager_builder, cfg, source, device, student_dtype,
+                                   candidates, steps=1, warmup=1)
+            # One size above: compiled code often needs less activation memory. With
+            # CUDA graphs one size below: their private memory pool is not shared with
+            # the student, and running out of memory while a graph is captured can
+            # leave the CUDA context unusable rather than raise a catchable OOM.
+            graphs = choice["compile"] in ("reduce-overhead", "max-autotune")
+            i = BATCH_CANDIDATES.index(fit)
+            candidates = BATCH_CANDIDATES[min(i + 1, len(BATCH_CANDIDATES) - 1)
+                                          if graphs else max(0, i - 1):]
+        batch, fast = run_path_auto(fast_builder, cfg, source, device, student_dtype,
+                                    candidates)
+        ref_batch, ref = run_path_auto(ref_builder, cfg, source, device, torch.float32,
+                                       [b for b in BATCH_CANDIDATES if b <= batch])
+    else:
+        batch = ref_batch = fixed_batch
+        fast = run_path(fast_builder, cfg, source, batch, device, student_dtype)
+        ref = run_path(ref_builder, cfg, source, batch, device, torch.float32)
+    speedup = fast["images_per_s"] / ref["images_per_s"]
+    print(f"  fast {fast['images_per_s']:.1f} img/s, reference {ref['images_per_s']:.1f} "
+          f"img/s (batch {batch}/{ref_batch}): {speedup:.2f}x", flush=True)
+    return [result_row(cfg, student_arch, m, "colocated", source, "fast", batch, fast, peak,
+                       {"speedup_vs_reference": speedup, "teacher_path": choice if m else None}),
+            result_row(cfg, student_arch, m, "colocated", source, "reference", ref_batch, ref,
+                       peak)]
 
 
 def _notes(cfg: Config, device, matmul_rates: dict) -> list[str]:
