@@ -258,8 +258,8 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
     if fixed_batch is None and device.type != "cuda":
         raise SystemExit("--micro-batch auto needs a GPU")
 
-    if cfg.teacher_fp8 and fp8_unavailable_reason(cfg, device):
-        raise SystemExit(f"--teacher-fp8 on: {fp8_unavailable_reason(cfg, device)}")
+    if cfg.teacher_fp8 and (reason := fp8_unavailable_reason(cfg, device)):
+        raise SystemExit(f"--teacher-fp8 on: {reason}")
 
     # --- 1. teacher variants (evidence for loop / stacked / compile on this device)
     if cfg.variants_from:

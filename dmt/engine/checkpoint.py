@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dmt.choices import loads_checkpoint
 from dmt.config import flatten, resolve_path, used_teachers
 from dmt.engine.distributed import any_rank, barrier, ranks_agreeing
 from dmt.errors import CheckpointError, StorageError, is_write_failure, storage_error
@@ -282,7 +283,7 @@ def teacher_files(cfg: dict, repo_root: Path) -> dict[str, str]:
     enough to tell another file from the one a run started with, without reading GBs."""
     prints = {}
     for _, t in used_teachers(cfg):
-        if t["kind"] == "random" or not t["checkpoint"]:
+        if not loads_checkpoint(t) or not t["checkpoint"]:
             continue
         file = resolve_path(t["checkpoint"], repo_root)
         with open(file, "rb") as f:
