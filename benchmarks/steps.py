@@ -99,9 +99,9 @@ def build_fast(cfg: Config, bank: TeacherBank, student_arch: str, m: int, batch:
                                       config=ds_config(batch, cfg.precision, cfg.zero_stage))
     guard = StepGuard.for_engine(engine, optimizer, device)
     skip_lone_allreduce(engine)  # as the trainer does
-    if cfg.compile_student:
-        engine.compile()
     method = DMT(engine, teachers, DistillationLoss())
+    if cfg.compile_student:
+        method.compile()  # as the trainer does with model.compile: student and loss
     placement = Colocated(method) if m else ConstantTargets(batch, student.num_tokens, dim, device)
 
     def step(b, phases: Phases):

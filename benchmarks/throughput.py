@@ -35,7 +35,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -97,7 +97,8 @@ def parse_args(argv=None) -> Config:
                                      "the matrix, e.g. S:3 ('' = skip): time by kind of "
                                      "kernel, top operators, GPU busy fraction")
     p.add_argument("--compile-student", choices=["on", "off"],
-                   help="engine.compile() the student (DeepSpeed's torch.compile wrapper)")
+                   help="compile the student's forward+backward and the loss, as the "
+                        "trainer's model.compile does")
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (--preset cpu: 1, as each rank of the placement "
                         "comparison and the measured peak use; --preset gpu: torch's default)")
@@ -335,20 +336,21 @@ def measure_cell(cfg: Config, bank: TeacherBank, device: torch.device, choice: d
 
     if fixed_batch is None:
         candidates = BATCH_CANDIDATES
-        if m and choice["compile"]:
-            # Find the batch with eager teachers (one step each): a compiled teacher
-            # would recompile for every candidate, including those that then run out
-            # of memory.
+        if (m and choice["compile"]) or cfg.compile_student:
+            # Find the batch eagerly (one step each): a compiled teacher or student would
+            # recompile for every candidate, including those that then run out of memory.
+            eager_cfg = replace(cfg, compile_student=False)
+
             def eager_builder(batch):
-                return build_fast(cfg, bank, student_arch, m, batch, device,
+                return build_fast(eager_cfg, bank, student_arch, m, batch, device,
                                   dict(choice, compile=False))
-            fit, _ = run_path_auto(eager_builder, cfg, source, device, student_dtype,
+            fit, _ = run_path_auto(eager_builder, eager_cfg, source, device, student_dtype,
                                    candidates, steps=1, warmup=1)
             # One size above: compiled code often needs less activation memory. With
             # CUDA graphs one size below: their private memory pool is not shared with
             # the student, and running out of memory while a graph is captured can
             # leave the CUDA context unusable rather than raise a catchable OOM.
-            graphs = choice["compile"] in ("reduce-overhead", "max-autotune")
+            graphs = bool(m) and choice["compile"] in ("reduce-overhead", "max-autotune")
             i = BATCH_CANDIDATES.index(fit)
             candidates = BATCH_CANDIDATES[min(i + 1, len(BATCH_CANDIDATES) - 1)
                                           if graphs else max(0, i - 1):]

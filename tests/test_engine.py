@@ -136,6 +136,23 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, images):
         assert rb["lr"] == pytest.approx(ra["lr"], rel=1e-12)
 
 
+def test_compiled_student_trains_like_eager_and_its_checkpoint_resumes_eager(tmp_path, images):
+    # model.compile compiles the engine's module in place and the loss: the losses of an
+    # eager run within float rounding, and checkpoint names that an eager launch loads.
+    eager = tiny_config(tmp_path, images, name="eager", run={"epochs": 1})
+    check(run_pretrain(eager))
+    compiled = tiny_config(tmp_path, images, name="compiled", model={"compile": True},
+                           run={"epochs": 1, "checkpoint_every": 2})
+    first = check(run_pretrain(compiled, "run.max_steps=2"))
+    assert "vit_tiny_patch16_224 (compiled)" in " ".join(first.stdout.split())
+    resumed = check(run_pretrain(compiled, "--resume", "auto", "model.compile=false"))
+    assert "resumed from" in resumed.stdout and "(compiled)" not in resumed.stdout
+    a, b = metrics(tmp_path / "runs" / "eager"), metrics(tmp_path / "runs" / "compiled")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4), (ra, rb)
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_and_checkpoint_rotation(tmp_path, images):
     cfg = tiny_config(tmp_path, images, name="tr", run={"epochs": 1, "checkpoint_every": 1,

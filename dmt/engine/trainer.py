@@ -171,7 +171,7 @@ def _train(cfg: dict, info: DistInfo, launch: Launch, run_lock: ExclusiveLock | 
         return {"run_dir": launch.run_dir, "role": "teacher", **state}
 
     engine, optimizer, guard, group, without_rng = _build_engine(method, placement, launch,
-                                                                 optim_cfg, info)
+                                                                 cfg, info)
     log.close()
     try:
         if info.is_main and state["global_step"] < schedule.total_steps:
@@ -181,7 +181,8 @@ def _train(cfg: dict, info: DistInfo, launch: Launch, run_lock: ExclusiveLock | 
                         run_cfg["tensorboard"], start_step=state["global_step"])
     except StorageError as err:
         raise _with_last_checkpoint(err, launch.resume_from) from None
-    _announce(cfg, launch, teachers, loaders[0], data_path, schedule, state, without_rng, log)
+    _announce(cfg, launch, teachers, engine.is_compiled, loaders[0], data_path, schedule, state,
+              without_rng, log)
 
     loader, accum, total_steps = loaders[0], launch.accum, schedule.total_steps
     batches = micro_batches(loader, state, schedule, accum)
@@ -301,9 +302,10 @@ def _schedule(cfg: dict, loader, accum: int) -> Schedule:
     return Schedule(steps_per_epoch, schedule_steps, total_steps)
 
 
-def _build_engine(method, placement, launch: Launch, optim_cfg: dict, info: DistInfo):
+def _build_engine(method, placement, launch: Launch, cfg: dict, info: DistInfo):
     """The student's DeepSpeed engine, confined to the student ranks by the placement's
     mpu, with the guard that calls off non-finite steps; restored from the checkpoint."""
+    optim_cfg = cfg["optim"]
     optimizer = build_optimizer(method.student, optim_cfg)
     engine, _, _, _ = deepspeed.initialize(model=method.student, optimizer=optimizer,
                                            config=launch.ds_config, mpu=placement.mpu)
@@ -311,6 +313,8 @@ def _build_engine(method, placement, launch: Launch, optim_cfg: dict, info: Dist
     group = placement.mpu.get_data_parallel_group() if placement.mpu else None
     guard = StepGuard.for_engine(engine, optimizer, info.device, group)
     skip_lone_allreduce(engine, group)
+    if cfg["model"]["compile"]:
+        method.compile()  # in place: the checkpoint's parameter names do not change
     without_rng = 0
     if launch.resume_from is not None:
         # Each rank loads its own ZeRO partition: one rank's damaged file stops them all.
@@ -320,18 +324,18 @@ def _build_engine(method, placement, launch: Launch, optim_cfg: dict, info: Dist
     return engine, optimizer, guard, group, without_rng
 
 
-def _announce(cfg: dict, launch: Launch, teachers, loader, data_path, schedule: Schedule,
-              state: dict, without_rng: int, log: RunLogger) -> None:
+def _announce(cfg: dict, launch: Launch, teachers, student_compiled: bool, loader, data_path,
+              schedule: Schedule, state: dict, without_rng: int, log: RunLogger) -> None:
     """What this launch will do, and what it resumes from (with what changed since)."""
     runtime, optim_cfg, run_dir = cfg["teacher_runtime"], cfg["optim"], launch.run_dir
     execution = (teachers.describe() if runtime["placement"] == "colocated"
                  else f"{runtime['teacher_ranks']} teacher rank(s)")
+    student = cfg["model"]["arch"] + (" (compiled)" if student_compiled else "")
     log.info(f"run {run_dir}: {schedule.total_steps} steps, {schedule.steps_per_epoch} per "
              f"epoch, global batch {optim_cfg['global_batch']} = {optim_cfg['micro_batch']} x "
              f"{launch.accum} accumulation x {launch.dp_world} student rank(s); teachers "
-             f"{teachers.names} ({runtime['placement']}: {execution}); student "
-             f"{cfg['model']['arch']}; data {cfg['data']['backend']} {data_path} "
-             f"({loader.num_samples} samples)")
+             f"{teachers.names} ({runtime['placement']}: {execution}); student {student}; "
+             f"data {cfg['data']['backend']} {data_path} ({loader.num_samples} samples)")
     if runtime["placement"] == "dedicated":
         log.info(f"dedicated teacher ranks: SIGTERM and Ctrl-C stop the run at once, without a "
                  f"checkpoint; checkpoints come every {cfg['run']['checkpoint_every']} steps "

@@ -32,6 +32,15 @@ class DMT:
             num_prefix_tokens=getattr(backbone, "num_prefix_tokens", 1))
         self.fusion, self.weights = fusion, weights
 
+    def compile(self) -> DMT:
+        """The student's forward (and so its backward) and the loss as compiled graphs. A
+        DeepSpeed engine compiles its module in place (engine.compile()), so parameter
+        names, checkpoints and the export stay as they are. Teachers compile on their own
+        (teacher_runtime.compile)."""
+        self.student.compile()
+        self.loss.compile()
+        return self
+
     @torch.no_grad()
     def teacher_targets(self, images: torch.Tensor) -> torch.Tensor:
         """Fused teacher tokens [B, T, D] in fp32; no autograd graph, no activations kept."""
