@@ -47,6 +47,7 @@ def test_two_ranks_zero2_bf16_loss_decreases(tmp_path, fixed_images):
     first = sum(r["loss"] for r in rows[:4]) / 4
     last = sum(r["loss"] for r in rows[-4:]) / 4
     assert last < 0.8 * first, (first, last)
+    assert all(0 < r["grad_norm"] < float("inf") for r in rows)  # ZeRO-2's bf16 optimizer's
     assert "2 student rank(s)" in result.stdout
     # ZeRO partitions belong to 2 ranks: resuming on 1 is refused up front, by name.
     config_before = (tmp_path / "runs" / "ddp" / "config.yaml").read_text()
@@ -88,11 +89,12 @@ def test_zero3_matches_stage0_and_exports(tmp_path, images):
     ds = json.loads((REPO / "ds_configs" / "zero3_bf16.json").read_text())
     del ds["bf16"]
     zero3_fp32.write_text(json.dumps(ds))
-    exports = {}
+    exports, norms = {}, {}
     for name, ds_path in (("z0", "ds_configs/cpu_fp32.json"), ("z3", str(zero3_fp32))):
         cfg = tiny_config(tmp_path, images, name=name, run={"max_steps": 3},
                           deepspeed={"config": ds_path})
         check(run_pretrain(cfg))
+        norms[name] = [r["grad_norm"] for r in metrics(tmp_path / "runs" / name)]
         out = tmp_path / f"{name}.safetensors" if name == "z3" else tmp_path / f"{name}.pth"
         done = check(subprocess.run([sys.executable, "launch/export.py",
                                      str(tmp_path / "runs" / name), "--out", str(out)],
@@ -106,6 +108,9 @@ def test_zero3_matches_stage0_and_exports(tmp_path, images):
             torch.save(state, tmp_path / "z3.pth")
             out = tmp_path / "z3.pth"
         exports[name] = _timm_load(out)[1]
+    # The logged gradient norm: ZeRO-3's optimizer measures it, without ZeRO dmt's guard.
+    assert len(norms["z0"]) == 3 and all(n > 0 for n in norms["z0"])
+    assert norms["z3"] == pytest.approx(norms["z0"], rel=1e-4)
     assert exports["z0"].keys() == exports["z3"].keys()
     for key in exports["z0"]:
         torch.testing.assert_close(exports["z3"][key], exports["z0"][key], rtol=1e-4, atol=1e-5)
@@ -657,7 +662,7 @@ def test_resume_with_a_run_directory_takes_its_newest_checkpoint_without_pointer
 def test_gradient_accumulation_trains_like_one_big_micro_batch(tmp_path, fixed_images):
     """Global batch 8 as one micro-batch of 8, or as 2 accumulated micro-batches of 4: the
     same samples, so the same logged losses (the terms are averaged over micro-batches,
-    the gradients too) and the same training, clipping on."""
+    the gradients too: the same gradient norm) and the same training, clipping on."""
     losses = {}
     for micro in (8, 4):
         cfg = tiny_config(tmp_path, fixed_images, name=f"micro{micro}",
@@ -665,7 +670,7 @@ def test_gradient_accumulation_trains_like_one_big_micro_batch(tmp_path, fixed_i
                           optim={"global_batch": 8, "micro_batch": micro, "lr": 1e-3,
                                  "warmup_epochs": 0, "clip_grad": 0.05})
         check(run_pretrain(cfg))
-        losses[micro] = [(r["loss"], r["tfd"], r["sfd"])
+        losses[micro] = [(r["loss"], r["tfd"], r["sfd"], r["grad_norm"])
                          for r in metrics(tmp_path / "runs" / f"micro{micro}")]
     assert len(losses[8]) == len(losses[4]) == 3
     assert losses[4][0] == pytest.approx(losses[8][0], rel=1e-5)  # before any update

@@ -95,8 +95,9 @@ class RunLogger:
             self.progress.update(self.task, loss=f"{last['loss']:.4f}",
                                  ips=f"{last['img_per_s']:.1f}")
         else:  # no terminal (batch jobs, CI): a plain line per flush
+            norm = "" if last.get("grad_norm") is None else f" grad_norm {last['grad_norm']:.3g}"
             self.console.print(f"step {last['step']}/{last['total_steps']} epoch {last['epoch']} "
-                               f"loss {last['loss']:.4f} lr {last['lr']:.3g} "
+                               f"loss {last['loss']:.4f} lr {last['lr']:.3g}{norm} "
                                f"{last['img_per_s']:.1f} img/s", highlight=False)
 
     def summary(self, rows: dict) -> None:

@@ -54,6 +54,7 @@ class StepGuard:
         self.group, self.device = group, device
         self.check_gradients = check_gradients
         self.verdict = torch.zeros((), dtype=torch.float32, device=device)
+        self.grad_norm: torch.Tensor | None = None  # of check_gradients, at the last decide()
 
     @classmethod
     def for_engine(cls, engine, optimizer: torch.optim.Optimizer, device, group=None):
@@ -75,6 +76,8 @@ class StepGuard:
             # (inf - inf is NaN) and, unlike an L2 norm's squares, overflows only near 1e38.
             total = torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum()
             verdict = torch.maximum(verdict, NONFINITE_GRADIENTS * (~torch.isfinite(total)).float())
+            # DeepSpeed does not measure these gradients either: their L2 norm, for the log.
+            self.grad_norm = torch.nn.utils.get_total_norm(grads)
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(verdict, op=dist.ReduceOp.MAX, group=self.group)
         self.skip.copy_(verdict > 0)

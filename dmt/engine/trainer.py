@@ -397,7 +397,11 @@ def _train_step(engine, method, placement, guard: StepGuard, batches, accum: int
             # rank, on the device; the host reads the verdict at the flush.
             verdict = guard.decide()
         engine.step()
+    # The gradient norm before clipping, as DeepSpeed's optimizers measure it (ZeRO, bf16,
+    # fp16), else the guard's; a device scalar: the host reads it at the flush.
+    grad_norm = engine.get_global_grad_norm()
     return {"terms": terms / accum, "verdict": verdict, "data_wait": data_wait,
+            "grad_norm": guard.grad_norm if grad_norm is None else grad_norm,
             "digest": _digest(indices)}
 
 
@@ -580,10 +584,15 @@ def _flush(pending: list[dict], log: RunLogger, terms: tuple[str, ...], total_st
     dist.all_reduce(values, group=group)
     values = values / dist.get_world_size(group)
     verdicts = torch.stack([p["verdict"] for p in pending]).to(values.dtype)
-    rows = torch.cat([values, verdicts[:, None]], 1).tolist()
+    # Gradient norms are global already (every rank holds the same): not averaged.
+    norms = torch.stack([torch.as_tensor(float("nan") if p["grad_norm"] is None
+                                         else p["grad_norm"], dtype=values.dtype,
+                                         device=values.device) for p in pending])
+    rows = torch.cat([values, norms[:, None], verdicts[:, None]], 1).tolist()
     memory = _peak_memory_gb(info.device)
     log.log_steps([{"step": p["step"], "total_steps": total_steps, "epoch": p["epoch"],
-                    "loss": v[0], **{t: x for t, x in zip(terms, v[1:-1])}, "lr": p["lr"],
+                    "loss": v[0], **{t: x for t, x in zip(terms, v[1:-2])}, "lr": p["lr"],
+                    "grad_norm": None if p["grad_norm"] is None else v[-2],
                     "img_per_s": img_per_s, "data_wait_s": p["data_wait"],
                     "peak_mem_gb": memory, "skipped_nonfinite": v[-1] > 0,
                     "sample_digest": p["digest"]} for p, v in zip(pending, rows)])
