@@ -101,12 +101,12 @@ class DistillationLoss:
             raise ValueError(f"unknown direction '{direction}'; choose from {DIRECTIONS}")
         self.terms, self.distance, self.direction = tuple(terms), distance, direction
         self.num_prefix_tokens = num_prefix_tokens
-        self._compute = self._terms
+        self._compute = self._evaluate
 
     def compile(self) -> DistillationLoss:
         """Compute the terms as one compiled graph: TFD's and SFD's softmaxes and KLs fuse
         into a few kernels instead of an fp32 copy of the [B, T, D] tensors per operation."""
-        self._compute = torch.compile(self._terms)
+        self._compute = torch.compile(self._evaluate)
         return self
 
     def __call__(self, student: torch.Tensor, teacher: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -115,7 +115,7 @@ class DistillationLoss:
                              f"{tuple(teacher.shape)} differ in shape")
         return self._compute(student, teacher)
 
-    def _terms(self, student: torch.Tensor, teacher: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _evaluate(self, student: torch.Tensor, teacher: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
         if "tfd" in self.terms:
             out["tfd"] = tfd_loss(student, teacher, self.direction, self.distance)
