@@ -53,7 +53,8 @@ def _teachers():
 
 def _worker(rank, world, port, kind, teacher_ranks, transfers, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                      DEEPSPEED_TIMEOUT="7")  # minutes, read when deepspeed is imported
     torch.set_num_threads(1)
     import dmt  # noqa: F401  (before timm)
     import deepspeed
@@ -106,6 +107,10 @@ def _session(rank, kind, teacher_ranks, transfer, teachers, out_dir, checkpoint)
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config,
                                       mpu=placement.mpu)
     assert engine.dp_world_size == placement.data_world_size
+    # A stalled peer: the engine's gradient reductions give up after DEEPSPEED_TIMEOUT (set
+    # by _worker), in both placements (DeepSpeed's own world clone would wait 30 min).
+    for group in (engine.data_parallel_group, engine.seq_data_parallel_group):
+        assert _timeout(group) == timedelta(minutes=7)
     method = DMT(engine, teachers)
     losses, saved = [], None
     for step in range(STEPS):
@@ -125,6 +130,10 @@ def _session(rank, kind, teacher_ranks, transfer, teachers, out_dir, checkpoint)
     with open(os.path.join(out_dir, f"{kind}_{transfer}_rank{rank}.json"), "w") as f:
         json.dump({"losses": losses, "restored": restored,
                    "dp": [engine.dp_world_size, placement.data_rank]}, f)
+
+
+def _timeout(group) -> timedelta:
+    return group._get_backend(torch.device("cpu")).options._timeout
 
 
 def _run(world, kind, teacher_ranks, transfers, out_dir) -> dict[str, dict[int, dict]]:

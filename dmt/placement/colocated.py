@@ -6,6 +6,8 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
+from dmt.placement.groups import StudentGroups
+
 
 class Colocated:
     """targets(batch) = method.teacher_targets(batch["teacher"]); the engine spans the world."""
@@ -18,7 +20,9 @@ class Colocated:
         self.method = method
         self.data_rank = dist.get_rank() if initialised else 0
         self.data_world_size = dist.get_world_size() if initialised else 1
-        self.mpu = None  # DeepSpeed's default: data parallelism over the whole world
+        # Data parallelism over the whole world, on groups dmt makes: DeepSpeed's own clone
+        # of the world group would wait 30 min for a stalled rank, not DEEPSPEED_TIMEOUT.
+        self.mpu = StudentGroups(range(self.data_world_size)) if initialised else None
 
     def targets(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.method.teacher_targets(batch["teacher"])
