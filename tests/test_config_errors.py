@@ -1,6 +1,9 @@
 """Mistakes a user makes in a config or on a command line get one clear error naming the culprit."""
 import importlib.util
 import re
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ from dmt.build import build_teachers
 from dmt.config import batch_arithmetic, check_files, load_config
 from dmt.data.sampling import ShardedEpochs
 from dmt.errors import ConfigError, DataError
-from engine_utils import REPO, check, metrics, run_pretrain, tiny_config
+from engine_utils import PRETRAIN, REPO, check, clean_env, metrics, run_pretrain, tiny_config
 
 # FFCV compiles its helpers with numba; numba's finaliser raises a harmless KeyError at
 # garbage collection (upstream noise, as in test_data_tools).
@@ -211,6 +214,40 @@ def test_synthetic_count_trains_and_overrides_follow_options(tmp_path):
     rows = metrics(tmp_path / "runs" / "syn")
     assert [r["step"] for r in rows] == list(range(1, 11))
     assert [r["epoch"] for r in rows] == [0] * 8 + [1] * 2
+
+
+@pytest.mark.parametrize("given", [
+    {"RANK": "1", "WORLD_SIZE": "2"},  # set by hand, LOCAL_RANK and MASTER_* forgotten
+    {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"},
+])
+def test_a_half_set_launch_environment_names_what_is_missing(tmp_path, given):
+    """DeepSpeed took such an environment for an MPI launch: 'No module named mpi4py'."""
+    cfg = tiny_config(tmp_path, tmp_path, name="env", data={"backend": "synthetic", "path": 16})
+    env = {**clean_env(), **given}
+    result = subprocess.run([sys.executable, str(PRETRAIN), "--config", str(cfg)], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=300)
+    missing = [v for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+               if v not in given]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert re.search(rf"dmt: error: (\[rank 1\] )?{', '.join(missing)} not set, while ",
+                     result.stderr), result.stderr
+    assert "mpi4py" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_master_port_in_use_is_named_with_the_way_out(tmp_path):
+    cfg = tiny_config(tmp_path, tmp_path, name="port", data={"backend": "synthetic", "path": 16})
+    with socket.socket() as busy:  # another job's rendezvous on this node
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**clean_env(), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        result = subprocess.run([sys.executable, str(PRETRAIN), "--config", str(cfg)],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert (f"dmt: error: MASTER_PORT {port} on 127.0.0.1 is in use (another job on this "
+            "node?): pick a free port") in result.stderr
+    assert not (tmp_path / "runs" / "port").exists()
 
 
 # --- teachers ------------------------------------------------------------------

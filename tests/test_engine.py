@@ -11,7 +11,8 @@ import timm
 import torch
 
 from dmt.data import write_sample_images
-from engine_utils import REPO, check, metrics, run_pretrain, tiny_config
+from engine_utils import (PRETRAIN, REPO, check, clean_env, free_port, metrics, run_pretrain,
+                          tiny_config)
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +159,41 @@ def test_compiled_student_trains_like_eager_and_its_checkpoint_resumes_eager(tmp
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4), (ra, rb)
 
 
+def test_ranks_that_disagree_on_config_or_data_are_refused(tmp_path, images):
+    """Nodes launched with other settings (another copy of the YAML, another copy of the
+    data) used to train silently wrong: rank 1 stepped its share with its own lr, or its
+    own number of steps per epoch. Now the launch stops before writing anything, naming
+    what differs and on which rank. Each rank starts in its own directory, as a node does."""
+    wrapper = tmp_path / "node.sh"
+    wrapper.write_text('#!/bin/sh\nif [ "$RANK" = 1 ]; then cd "$DIR1"; set -- "$@" $EXTRA1; '
+                       'else cd "$DIR0"; fi\nexec "$PY" "$PRETRAIN" "$@"\n')
+    wrapper.chmod(0o755)
+    fewer = write_sample_images(tmp_path / "fewer", num_images=24, size=48, seed=0,
+                                num_classes=2)
+    for node, data in (("node0", images), ("node1", fewer)):
+        (tmp_path / node).mkdir()
+        (tmp_path / node / "data").symlink_to(data)
+    cfg = tiny_config(tmp_path, "data", name="mixed", optim={"global_batch": 16})
+
+    def launch(extra1: str) -> subprocess.CompletedProcess:
+        env = {**clean_env(), "DIR0": str(tmp_path / "node0"), "DIR1": str(tmp_path / "node1"),
+               "EXTRA1": extra1, "PY": sys.executable, "PRETRAIN": str(PRETRAIN)}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master_port={free_port()}", "--no-python", str(wrapper), "--config", str(cfg)]
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    result = launch("optim.lr=0.1")
+    assert result.returncode != 0
+    assert ("the ranks of this launch disagree: optim.lr: 0.001 on rank 0, 0.1 on rank(s) [1]"
+            in result.stderr), result.stderr[-3000:]
+    assert not (tmp_path / "runs" / "mixed").exists()  # refused before anything was written
+    result = launch("")  # the same config, but node 1's copy of the data has 24 images, not 32
+    assert result.returncode != 0
+    assert "data samples: 32 on rank 0, 24 on rank(s) [1]" in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "runs" / "mixed" / "checkpoints").exists()
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_and_checkpoint_rotation(tmp_path, images):
     cfg = tiny_config(tmp_path, images, name="tr", run={"epochs": 1, "checkpoint_every": 1,
@@ -279,6 +315,29 @@ def test_resume_refuses_a_different_student(tmp_path, images):
 
 
 @pytest.mark.slow
+def test_resume_with_another_zero_layout_is_refused_but_zero1_and_2_resume_each_other(
+        tmp_path, images):
+    """A ZeRO-2 checkpoint resumed without ZeRO used to fail inside DeepSpeed, and the
+    message called the (intact) checkpoint damaged."""
+    zero1 = tmp_path / "zero1_fp32.json"
+    ds = json.loads((REPO / "ds_configs" / "zero2_fp32.json").read_text())
+    ds["zero_optimization"]["stage"] = 1
+    zero1.write_text(json.dumps(ds))
+    cfg = tiny_config(tmp_path, images, name="z2", run={"max_steps": 2},
+                      deepspeed={"config": "ds_configs/zero2_fp32.json"})
+    check(run_pretrain(cfg))
+    ckpt = tmp_path / "runs" / "z2" / "checkpoints" / "step00000002"
+    refused = run_pretrain(cfg, "--resume", "auto", "run.max_steps=4",
+                           "deepspeed.config=ds_configs/cpu_fp32.json")
+    assert refused.returncode == 2
+    assert (f"checkpoint {ckpt} was written with ZeRO stage 2 (ZeRO-1/2), this launch's "
+            "deepspeed.config has stage 0") in refused.stderr, refused.stderr[-2000:]
+    resumed = check(run_pretrain(cfg, "--resume", "auto", "run.max_steps=4",
+                                 f"deepspeed.config={zero1}"))
+    assert "resumed from" in resumed.stdout
+    assert [r["step"] for r in metrics(tmp_path / "runs" / "z2")] == [1, 2, 3, 4]
+
+
 def test_resume_follows_the_config_and_a_checkpoint_without_pointer(tmp_path, images):
     """A save cut short after its rename leaves a complete checkpoint and no `latest`:
     --resume auto continues from it (it used to start afresh and overwrite it). Settings a

@@ -13,7 +13,7 @@ import torch
 from dmt.data import write_sample_images
 from dmt.engine import checkpoint as ckpt
 from dmt.engine.logger import RunLogger
-from dmt.errors import StorageError
+from dmt.errors import CheckpointError, StorageError
 from engine_utils import PRETRAIN, REPO, check, clean_env, run_pretrain, tiny_config
 
 
@@ -21,14 +21,18 @@ class _Engine:
     """What save_checkpoint asks of a DeepSpeed engine; `fail` makes the write break
     half-way, as a full disk does (torch.save raises RuntimeError there)."""
 
-    def __init__(self, fail: bool = False):
-        self.fail = fail
+    def __init__(self, fail: bool = False, partitions=()):
+        self.fail, self.partitions = fail, partitions
 
     def save_checkpoint(self, root, tag, client_state, save_latest):
         folder = os.path.join(root, tag)
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "mp_rank_00_model_states.pt"), "wb") as f:
             f.write(b"x" * 1000)
+        for r in self.partitions:  # ZeRO: this rank's optimizer partition
+            with open(os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"),
+                      "wb") as f:
+                f.write(b"x")
         if self.fail:
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1000")
 
@@ -53,6 +57,49 @@ def test_a_failed_save_keeps_the_last_checkpoint_and_frees_its_space(tmp_path):
     (root / ".tmp" / "step00000004" / "part").write_bytes(b"x" * 100)
     _save(root, 6, _Engine())
     assert not (root / ".tmp").exists()
+
+
+class _Clock:
+    """Stands in for the time module in checkpoint.py: sleeping advances it at once, and
+    may first run `on_sleep` (files that show up late on a network filesystem)."""
+
+    def __init__(self):
+        self.now, self.on_sleep = 0.0, None
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        if self.on_sleep:
+            self.on_sleep()
+        self.now += seconds
+
+
+def test_a_save_rank_0_cannot_see_whole_is_refused_at_the_first_checkpoint(tmp_path,
+                                                                          monkeypatch):
+    """run.output_dir on a node-local disk (the same path on every node): rank 0 sees only
+    its node's part. The run used to write such checkpoints until the end, when the export
+    found that none could be resumed; now the first save stops it, and the last good
+    checkpoint stays the latest."""
+    root = tmp_path / "checkpoints"
+    _save(root, 2, _Engine())
+    clock = _Clock()
+    monkeypatch.setattr(ckpt, "time", clock)
+    state = {"student_ranks": 2, "zero_stage": 2}
+    with pytest.raises(CheckpointError, match=r"checkpoint step00000004: rank 0 does not see "
+                       r"rng_rank1.pt, the ZeRO partition of rank 1 in .*step00000004: "
+                       r"run.output_dir must be a folder every node shares"):
+        ckpt.save_checkpoint(_Engine(partitions=[0]), root, 4, state, rank=0, keep_last=2)
+    assert clock.now >= 120  # looked again before giving up
+    assert (root / ckpt.LATEST).read_text() == "step00000002"
+    assert not (root / "step00000004").exists() and not (root / ".tmp").exists()
+    # Rank 1's files showing up late (attribute caching on NFS) are waited for.
+    part = root / ".tmp" / "step00000006"
+    clock.on_sleep = lambda: [(part / name).write_bytes(b"x") for name in
+                              ("rng_rank1.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt")]
+    final = ckpt.save_checkpoint(_Engine(partitions=[0]), root, 6, state, rank=0, keep_last=2)
+    assert (root / ckpt.LATEST).read_text() == "step00000006"
+    assert (final / "rng_rank1.pt").is_file()
 
 
 def test_retention_deletes_only_the_checkpoints_it_wrote(tmp_path):

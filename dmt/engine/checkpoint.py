@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+import time
 import zipfile
 from pathlib import Path
 
@@ -103,12 +104,42 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, trainer_state: dict, ran
             _remove_if_empty(tmp_root)
         raise storage_error(tmp_root / tag, err, f"checkpoint {tag} to") from None
     barrier(group)
+    # Rank 0 completes the save, so it must see every rank's part: with run.output_dir on a
+    # node-local disk (the same path on every node) each node would keep only its own, and
+    # no checkpoint of the run could be resumed.
+    unseen = _unseen_parts(tmp_root / tag, trainer_state) if rank == 0 else []
+    if any_rank(bool(unseen), getattr(engine, "device", "cpu"), group):
+        if rank == 0:
+            shutil.rmtree(tmp_root / tag, ignore_errors=True)
+            _remove_if_empty(tmp_root)
+        raise CheckpointError(
+            f"checkpoint {tag}: rank 0 does not see "
+            f"{', '.join(unseen[:4]) if unseen else 'the files of every rank'} in "
+            f"{tmp_root / tag}: run.output_dir must be a folder every node shares (a "
+            "node-local disk at the same path keeps each node's part apart)")
     if rank == 0:
         _complete(ckpt_root, tag, trainer_state)
         _remove_if_empty(tmp_root)
         _prune(ckpt_root, tag, keep_last)
     barrier(group)
     return final
+
+
+def _unseen_parts(path: Path, trainer_state: dict, patience_s: float = 120.0) -> list[str]:
+    """The files of other ranks that `path` lacks: each student rank's RNG state and, under
+    ZeRO, its optimizer partition. A network filesystem may show another node's new files
+    a little late (attribute caching): a miss is looked for again for `patience_s`."""
+    ranks = trainer_state.get("student_ranks", 1)
+    deadline = time.monotonic() + patience_s
+    while True:
+        unseen = [f"rng_rank{r}.pt" for r in range(ranks)
+                  if not (path / f"rng_rank{r}.pt").is_file()]
+        if trainer_state.get("zero_stage"):
+            found = _partition_ranks(path)
+            unseen += [f"the ZeRO partition of rank {r}" for r in range(ranks) if r not in found]
+        if not unseen or time.monotonic() > deadline:
+            return unseen
+        time.sleep(5)
 
 
 def _complete(ckpt_root: Path, tag: str, trainer_state: dict) -> None:
@@ -240,16 +271,28 @@ def check_complete(path: Path, trainer_state: dict) -> int:
     return saved_ranks
 
 
-def check_loadable(path: Path, student_ranks: int, trainer_state: dict) -> None:
+# Which ZeRO stages write the same optimizer files (1 and 2 resume each other: tested).
+_ZERO_LAYOUT = {0: "no ZeRO", 1: "ZeRO-1/2", 2: "ZeRO-1/2", 3: "ZeRO-3"}
+
+
+def check_loadable(path: Path, student_ranks: int, trainer_state: dict,
+                   zero_stage: int) -> None:
     """Refuse, before any model is built, a checkpoint DeepSpeed would fail on: missing
-    files, or ZeRO partitions for another number of student ranks."""
+    files, another ZeRO layout, or ZeRO partitions for another number of student ranks."""
+    saved_stage = trainer_state.get("zero_stage")
+    if saved_stage is not None and _ZERO_LAYOUT[saved_stage] != _ZERO_LAYOUT[zero_stage]:
+        raise CheckpointError(
+            f"checkpoint {path} was written with ZeRO stage {saved_stage} "
+            f"({_ZERO_LAYOUT[saved_stage]}), this launch's deepspeed.config has stage "
+            f"{zero_stage}: their optimizer states are stored differently; resume with a "
+            f"{_ZERO_LAYOUT[saved_stage]} config (the checkpoint itself is intact)")
     saved_ranks = check_complete(path, trainer_state)
     if saved_ranks and saved_ranks != student_ranks:
         raise CheckpointError(
             f"checkpoint {path} holds ZeRO optimizer partitions of {saved_ranks} student "
-            f"rank(s), this launch has {student_ranks}: a ZeRO checkpoint resumes on the same "
-            f"number of student ranks (launch with {saved_ranks}), or start a new run from its "
-            "weights (launch/export.py)")
+            f"rank(s), this launch has {student_ranks}: a ZeRO checkpoint resumes only on the "
+            f"same number of student ranks (launch with {saved_ranks}; checkpoints without ZeRO "
+            "resume on any number)")
 
 
 # What must not change for a resumed run to be the same run (objective, data order, shapes).

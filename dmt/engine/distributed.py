@@ -1,12 +1,16 @@
 """One distributed set-up for `deepspeed`, `torchrun` and plain `python` launches."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from dmt.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,12 @@ def free_port() -> int:
 
 
 _MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+# What torchrun and the deepspeed launcher export to every process they start.
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _under_mpi() -> bool:
+    return any(v in os.environ for v in _MPI_SIZE_VARS)
 
 
 def launched_world_size() -> int:
@@ -51,12 +61,28 @@ def setup_distributed() -> DistInfo:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     # (Under mpirun, DeepSpeed discovers ranks through mpi4py and sets these variables.)
+    missing = [v for v in _LAUNCH_VARS if v not in os.environ]
+    if missing and len(missing) < len(_LAUNCH_VARS) and not _under_mpi():
+        # DeepSpeed would take this for an MPI launch and fail on a missing mpi4py.
+        given = [v for v in _LAUNCH_VARS if v not in missing]
+        raise ConfigError(f"{', '.join(missing)} not set, while {', '.join(given)} are: "
+                          f"set all of {', '.join(_LAUNCH_VARS)} (torchrun and the "
+                          "deepspeed launcher do), or none for a one-process run")
     cuda = torch.cuda.is_available()
     if not cuda:
         # DeepSpeed would compile its shared-memory comm op (~30 s) at first use on CPU.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        except (RuntimeError, OSError) as err:  # DistNetworkError is a RuntimeError
+            if "EADDRINUSE" not in str(err) and "address already in use" not in str(err):
+                raise
+            raise ConfigError(
+                f"MASTER_PORT {os.environ['MASTER_PORT']} on {os.environ['MASTER_ADDR']} is "
+                "in use (another job on this node?): pick a free port, `deepspeed "
+                "--master_port N ...` or `torchrun --master_port N ...` (with c10d: "
+                "--rdzv_endpoint HOST:N)") from None
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local_rank)
@@ -102,3 +128,31 @@ def skip_lone_allreduce(engine, group=None) -> bool:
         engine.enable_backward_allreduce = False
         return True
     return False
+
+
+def check_same_on_every_rank(facts: dict, device, remedy: str) -> None:
+    """Refuse a launch whose ranks disagree on `facts` (their merged config, the size of the
+    data set they read): one rank with another learning rate, run directory or copy of the
+    data would otherwise train silently wrong, or hang at a mismatched collective. Costs one
+    all-gather of a digest; only on a mismatch are the facts gathered, to name them."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    text = json.dumps(facts, sort_keys=True, default=str)
+    digest = torch.tensor([int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")],
+                          dtype=torch.int64, device=device)
+    digests = [torch.empty_like(digest) for _ in range(dist.get_world_size())]
+    dist.all_gather(digests, digest)
+    if len({int(d.item()) for d in digests}) == 1:
+        return
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, facts)
+    differences = []
+    for key in sorted({k for f in every for k in f}):
+        values = [f.get(key, "(absent)") for f in every]
+        if len({json.dumps(v, default=str) for v in values}) == 1:
+            continue
+        odd = [r for r, v in enumerate(values) if v != values[0]]
+        differences.append(f"{key}: {values[0]!r} on rank 0, {values[odd[0]]!r} on rank(s) "
+                           f"{odd[:8]}{' ...' if len(odd) > 8 else ''}")
+    raise ConfigError("the ranks of this launch disagree: " + "; ".join(differences[:6])
+                      + f"{' ...' if len(differences) > 6 else ''}. {remedy}")

@@ -22,10 +22,11 @@ import torch.distributed as dist
 
 from dmt.build import (DTYPES, build_data, build_method, build_student, build_teachers,
                        uses_sample_images)
-from dmt.config import batch_arithmetic, dump_config, student_ranks
+from dmt.config import batch_arithmetic, dump_config, flatten, student_ranks
 from dmt.data import write_sample_images
 from dmt.engine import checkpoint as ckpt
-from dmt.engine.distributed import DistInfo, any_rank, barrier, skip_lone_allreduce
+from dmt.engine.distributed import (DistInfo, any_rank, barrier, check_same_on_every_rank,
+                                    skip_lone_allreduce)
 from dmt.engine.ds_config import REPO_ROOT, deepspeed_config
 from dmt.engine.logger import RunLogger
 from dmt.engine.optim import build_optimizer, lr_at, peak_lr, set_hyperparameters
@@ -130,11 +131,18 @@ def prepare_launch(cfg: dict, info: DistInfo, resume: str | None) -> Launch:
         saved = ckpt.read_trainer_state(resume_from)
         ckpt.check_compatible(saved["config"], cfg, resume_from)
         ckpt.check_same_teacher_files(saved, teacher_files, resume_from)
-        ckpt.check_loadable(resume_from, dp_world, saved)
+        ckpt.check_loadable(resume_from, dp_world, saved,
+                            ds_config.get("zero_optimization", {}).get("stage", 0))
     return Launch(run_dir, dp_world, accum, ds_config, resume, resume_from, saved, teacher_files)
 
 
 def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
+    # Before anything else: the ranks must agree on what they run, and where to.
+    run_dir = (Path(cfg["run"]["output_dir"]) / cfg["run"]["name"]).resolve()
+    check_same_on_every_rank(
+        {**flatten(cfg), "run directory": str(run_dir), "--resume": resume}, info.device,
+        "Launch every rank with the same config file and overrides, from the same working "
+        "directory (a node with another copy of the file, or other arguments?)")
     launch = prepare_launch(cfg, info, resume)
     run_lock = _lock_run(launch.run_dir, info)
     try:  # also when training fails: an in-process caller may launch the run again
@@ -155,6 +163,9 @@ def _train(cfg: dict, info: DistInfo, launch: Launch, run_lock: ExclusiveLock | 
     teachers, method, placement = _build_models(cfg, info, launch.dp_world, log)
     data_path = _prepare_data_path(cfg, launch.run_dir, info)
     loaders = _build_loaders(cfg, placement, data_path, info)
+    check_same_on_every_rank({"data samples": loaders[0].num_samples}, info.device,
+                             f"Every rank must read the same data set ({data_path}): a node "
+                             "with an incomplete or other copy of it?")
     if launch.resume_from is not None:
         ckpt.check_same_samples(launch.saved, loaders[0].num_samples, data_path,
                                 launch.resume_from)
