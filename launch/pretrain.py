@@ -14,6 +14,7 @@ import difflib
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,6 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dmt  # noqa: E402  (before timm: see dmt/__init__.py)
 from dmt.config import batch_arithmetic, check_files, load_config, student_ranks  # noqa: E402
 from dmt.errors import ConfigError, DMTError  # noqa: E402
+
+# DeepSpeed 0.19 calls an API that torch 2.13 deprecates: a warning on every rank, every
+# run, about code the user cannot change.
+warnings.filterwarnings("ignore", category=FutureWarning,
+                        message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -140,6 +140,32 @@ def test_resume_yields_the_remaining_batches_of_the_epoch(make, backend):
     assert torch.equal(tail[0]["student"], epoch1[4]["student"])
 
 
+def test_a_resume_position_applies_to_one_epoch_only(make):
+    """set_epoch(e, start_batch=k) shortens epoch e alone: the iteration after it runs
+    epoch e + 1 whole, as a loader that never resumed would (the epoch order and the
+    resume bookkeeping are shared by every backend: the synthetic one stands for all)."""
+    reference = make("synthetic")
+    epochs = [[b["index"].tolist() for b in collect(reference)] for _ in range(3)]
+    loader = make("synthetic")
+    loader.set_epoch(1, start_batch=2)
+    assert [b["index"].tolist() for b in collect(loader)] == epochs[1][2:]
+    assert [b["index"].tolist() for b in collect(loader)] == epochs[2]
+
+
+def test_resume_positions_at_and_beyond_the_ends_of_an_epoch(make):
+    """start_batch = len(loader): a checkpoint taken at an epoch's last step resumes into
+    an empty rest of that epoch, then the next; a negative position is refused up front."""
+    reference = make("synthetic")
+    epochs = [[b["index"].tolist() for b in collect(reference)] for _ in range(2)]
+    loader = make("synthetic")
+    loader.set_epoch(0, start_batch=len(loader))
+    assert collect(loader) == []
+    assert [b["index"].tolist() for b in collect(loader)] == epochs[1]
+    for bad in (-1, len(loader) + 1):
+        with pytest.raises(ValueError, match="start_batch"):
+            loader.set_epoch(0, start_batch=bad)
+
+
 @pytest.mark.timeout(240, method="thread")
 def test_file_backends_cut_the_same_crop(make):
     """Crops are a function of (seed, epoch, index): the decoders agree up to resampling."""

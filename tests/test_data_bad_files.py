@@ -229,6 +229,64 @@ def test_16_bit_greyscale_is_scaled_not_clipped(backend, tmp_path):
     assert abs(view.mean().item() - ramp.mean() / 65535) < 0.01
 
 
+def test_big_endian_16_bit_greyscale_is_scaled_too():
+    """16-bit greyscale comes big-endian too (TIFF, PNM: PIL mode I;16B): scaled to
+    8 bits like the little-endian kind, not clipped white by PIL's own conversion."""
+    from dmt.data.images import to_rgb
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    image = Image.frombytes("I;16B", (32, 32), ramp.astype(">u2").tobytes())
+    assert image.mode == "I;16B"
+    rgb = np.asarray(to_rgb(image))
+    assert rgb.shape == (32, 32, 3) and (rgb == np.round(ramp / 257).astype(np.uint8)[..., None]).all()
+
+
+def _png_with_a_broken_second_chunk(source_file) -> bytes:
+    """A PNG whose header reads fine but whose image data breaks off into a chunk of no
+    valid type: PIL raises SyntaxError ("broken PNG file") while decoding, not opening."""
+    import io
+    import struct
+    import zlib
+    buffer = io.BytesIO()
+    Image.open(source_file).convert("RGB").save(buffer, "PNG")
+    data = buffer.getvalue()
+    at = data.index(b"IDAT")
+    size = struct.unpack(">I", data[at - 4:at])[0]
+    payload = data[at + 4:at + 4 + size]
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (data[:at - 4] + chunk(b"IDAT", payload[:size // 2]) + chunk(b"!!!!", payload[size // 2:])
+            + data[at + 4 + size + 4:])
+
+
+def test_files_pil_rejects_with_syntax_or_value_errors_are_skipped_and_named(tmp_path, source, caplog):
+    """Not every bad file fails as an OSError: a broken PNG chunk raises SyntaxError, a
+    PGM with a zero maxval or a word among its pixel values ValueError. Each is skipped
+    and named like any other undecodable file, not a crash of the run."""
+    from dmt.data.images import probe_one
+    _, files = source
+    for i, f in enumerate(files[:3]):
+        shutil.copy(f, tmp_path / f"good{i}.jpg")
+    broken = {"chunk.png": _png_with_a_broken_second_chunk(files[0]),
+              "maxval.pgm": b"P5\n4 4\n0\n" + bytes(16),
+              "word.pgm": b"P2\n2 2\n255\n1 2 x 4\n"}
+    for name, blob in broken.items():
+        (tmp_path / name).write_bytes(blob)
+    reasons = {name: probe_one(tmp_path / name)[1] for name in broken}
+    assert reasons["chunk.png"].startswith("SyntaxError: broken PNG file"), reasons
+    assert reasons["maxval.pgm"].startswith("ValueError") and reasons["word.pgm"].startswith("ValueError")
+    loader = build_loader("torch", tmp_path, 2, image_size=32, num_workers=0, drop_last=False)
+    with caplog.at_level(logging.WARNING, logger="dmt.data"):
+        served = torch.cat([batch["index"] for batch in loader]).tolist()
+    names = [f.name for f in loader.folder.files]
+    assert sorted(names[i] for i in set(served)) == ["good0.jpg", "good1.jpg", "good2.jpg"]
+    assert set(loader.skipped_files) == {str(tmp_path / name) for name in broken}
+    for name in broken:
+        assert any(str(tmp_path / name) in r.getMessage() and "skipping" in r.getMessage()
+                   for r in caplog.records), name
+
+
 @pytest.mark.timeout(60)
 def test_linked_folders_are_read_once(tmp_path, caplog):
     from dmt.data.folder import scan_image_folder

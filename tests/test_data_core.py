@@ -116,6 +116,48 @@ def test_missing_or_empty_folder_is_one_clear_error(tmp_path):
     assert str(tmp_path) in str(err.value)
 
 
+def test_scan_order_does_not_follow_the_filesystem(tmp_path):
+    """The file order (and so every sample index) is the same on every machine: files
+    created in a scrambled order (not sorted, not reversed: directory listings often
+    return one or the other) come out class by class, folder by folder, by name."""
+    expected = ["a/1.jpg", "a/4.jpg", "a/7.jpg", "a/m/2.jpg", "a/m/5.jpg", "a/m/8.jpg",
+                "a/q/0.jpg", "a/q/3.jpg", "a/q/6.jpg", "b/2.jpg", "b/5.jpg", "b/9.jpg",
+                "c/k/1.jpg", "c/k/3.jpg", "c/x/0.jpg", "c/x/2.jpg"]
+    order = [7, 2, 12, 0, 15, 9, 4, 13, 1, 10, 6, 14, 3, 11, 8, 5]
+    assert sorted(order) == list(range(len(expected)))
+    for i in order:
+        _touch(tmp_path / expected[i])
+    flat_names = [f"{i:02d}.png" for i in range(12)]
+    for i in [5, 11, 0, 7, 2, 9, 4, 10, 1, 6, 3, 8]:
+        _touch(tmp_path / "flat" / flat_names[i])
+    folder = scan_image_folder(tmp_path)
+    assert [f.relative_to(tmp_path).as_posix() for f in folder.files if "flat" not in f.parts] == expected
+    assert folder.classes == ["a", "b", "c", "flat"]
+    assert folder.labels == [0] * 9 + [1] * 3 + [2] * 4 + [3] * 12
+    flat = scan_image_folder(tmp_path / "flat")
+    assert [f.name for f in flat.files] == flat_names
+
+
+def test_hidden_folders_are_neither_read_nor_classes(tmp_path):
+    """Tool folders (.ipynb_checkpoints copies, a .trash) hold duplicates or deleted
+    images: they are skipped inside a class and are no class of their own."""
+    for name in ["cls/a.jpg", "cls/.ipynb_checkpoints/a.jpg", "cls/sub/.cache/b.jpg",
+                 ".trash/x.jpg", "other/b.jpg"]:
+        _touch(tmp_path / name)
+    folder = scan_image_folder(tmp_path)
+    assert [f.relative_to(tmp_path).as_posix() for f in folder.files] == ["cls/a.jpg", "other/b.jpg"]
+    assert folder.classes == ["cls", "other"]
+
+
+def test_a_home_relative_path_is_expanded(tmp_path, monkeypatch):
+    """data.path: ~/images, as users write it in configs."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _touch(tmp_path / "images" / "cls" / "a.jpg")
+    folder = scan_image_folder("~/images")
+    assert folder.root == tmp_path / "images"
+    assert folder.files == [tmp_path / "images" / "cls" / "a.jpg"]
+
+
 # --- augment -----------------------------------------------------------------------
 
 def test_crop_boxes_follow_random_resized_crop():

@@ -219,6 +219,76 @@ def test_the_index_file_mode_follows_the_umask(folder):
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_file_rewritten_in_place_at_the_same_size_is_probed_again(folder, monkeypatch):
+    """The size alone cannot tell a rewritten file: the mtime is part of the key. A good
+    JPEG overwritten by as many zero bytes (then a later mtime) is probed, and now bad."""
+    cache = folder.parent / "index.json"
+    run(folder, str(cache))
+    victim = sorted((folder / "class_0").glob("img_*.jpg"))[0]
+    before = victim.stat()
+    victim.write_bytes(bytes(before.st_size))
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns + 10 ** 10))
+    assert victim.stat().st_size == before.st_size
+    calls = Counter(monkeypatch)
+    again = run(folder, str(cache))
+    assert calls.take() == [victim.name] and again.probed == 1
+    assert str(victim) in {path for path, _ in again.bad}
+
+
+def test_a_removal_alone_rewrites_the_index_and_no_change_leaves_it_alone(folder, monkeypatch):
+    """Nothing to probe, yet a file went away: the index drops it (else it grows with
+    every file ever removed). With no change at all the index file is not rewritten."""
+    cache = folder.parent / "index.json"
+    run(folder, str(cache))
+    written = cache.stat().st_mtime_ns, cache.stat().st_ino
+    calls = Counter(monkeypatch)
+    assert run(folder, str(cache)).probed == 0
+    assert (cache.stat().st_mtime_ns, cache.stat().st_ino) == written
+    removed = sorted((folder / "class_1").glob("img_*.jpg"))[0]
+    removed.unlink()
+    assert run(folder, str(cache)).probed == 0 and calls.take() == []
+    files = json.loads(cache.read_text())["files"]
+    assert "class_1/" + removed.name not in files
+    assert sorted(files) == sorted(f.relative_to(folder).as_posix()
+                                   for f in scan_image_folder(folder).files)
+
+
+def test_the_folders_index_wins_over_one_in_the_user_cache(folder, monkeypatch, tmp_path):
+    """Where both exist (the folder became writable after a fallback, say), the index
+    in the folder is the one read and kept up to date; the user cache's is left alone."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    run(folder, "auto")
+    user = probe._user_cache_path(folder)
+    assert user.parent == tmp_path / "xdg" / "dmt"
+    user.parent.mkdir(parents=True)
+    stale = {"format": "dmt-probe-cache", "version": 1, "files": [], "bytes": [],
+             "mtime_ns": [], "height": [], "width": [], "reasons": {}}
+    user.write_text(json.dumps(stale))
+    calls = Counter(monkeypatch)
+    assert run(folder, "auto").probed == 0 and calls.take() == []  # read from the folder
+    shutil.copy(next(folder.rglob("img_*.jpg")), folder / "class_0" / "new.jpg")
+    assert run(folder, "auto").probed == 1 and calls.take() == ["new.jpg"]
+    assert "class_0/new.jpg" in json.loads((folder / probe.CACHE_NAME).read_text())["files"]
+    assert json.loads(user.read_text()) == stale
+
+
+def test_a_failed_index_write_leaves_no_temporary_file(folder, monkeypatch, caplog):
+    """A full disk while writing the index: a warning, the probe's result still right,
+    and no half-written temporary file beside the index."""
+    import errno
+    cache = folder.parent / "index.json"
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", full)
+    with caplog.at_level(logging.WARNING, logger="dmt.data.probe"):
+        result = run(folder, str(cache))
+    check_against_pil(result, folder)
+    assert "could not write the probe cache" in caplog.text and str(cache) in caplog.text
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["images"]
+
+
 def test_a_missing_folder_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         probe.probe_image_folder(tmp_path / "nowhere", cache="off")

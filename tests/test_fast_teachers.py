@@ -168,3 +168,44 @@ def test_compile_wraps_the_whole_teacher_pass_once(images, monkeypatch):
     assert compiled == ["reduce-overhead"] and len(fast.runners) == 3
     for ref, tokens in zip(reference, fast(images)):
         torch.testing.assert_close(tokens, ref, rtol=0, atol=0)
+
+
+def _set_eps(encoder, eps, final: bool):
+    """LayerNorm eps of every block (final=False) or of the final norm alone (final=True)."""
+    norms = [encoder.norm] if final else [m for blk in encoder.blocks
+                                          for m in (blk.norm1, blk.norm2)]
+    for norm in norms:
+        norm.eps = eps
+
+
+@pytest.mark.parametrize("differ", ["block_eps", "final_eps", "layer_scale"])
+def test_teachers_differing_only_in_norm_eps_or_layer_scale_are_not_stacked_together(images, differ):
+    """A stack runs every teacher with the first one's eps and layer-scale setting: a
+    teacher that differs there (eps 1.0, not timm's 1e-6; LayerScale or none) runs on its
+    own, and every teacher's tokens are still its own encoder's."""
+    teachers = _teachers(["vit_tiny_patch16_224"] * 3)
+    if differ == "layer_scale":
+        odd = _teachers(["vit_tiny_patch16_224"] * 2, init_values=0.5)[1]
+        odd.name = "t1"
+        teachers[1] = odd
+    else:
+        _set_eps(teachers[1].encoder, 1.0, final=(differ == "final_eps"))
+    assert stack_blocker(teachers[1].encoder) is None  # stackable, just not with the others
+    with torch.inference_mode():
+        reference = _clone(teachers)(images)
+        unchanged = _clone(_teachers(["vit_tiny_patch16_224"] * 3))(images)
+    assert (reference[1] - unchanged[1]).abs().max() > 1e-2  # the difference shows
+    fast = optimize_teachers(_clone(teachers), torch.float32, stack="always")
+    groups = sorted((type(r).__name__, tuple(idx)) for idx, r in zip(fast.slots, fast.runners))
+    assert groups == [("LoopTeacher", (1,)), ("StackedViT", (0, 2))]
+    for ref, out in zip(reference, fast(images)):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_non_gelu_mlp_is_named_as_what_blocks_stacking():
+    """The stacked MLP hard-codes GELU: a SiLU teacher must not be stacked, and the
+    reason given says which block and what."""
+    import torch.nn as nn
+    encoder = create_encoder("vit_tiny_patch16_224", IMG, depth=DEPTH, act_layer=nn.SiLU)
+    reason = stack_blocker(encoder)
+    assert reason is not None and "block 0" in reason and "GELU" in reason

@@ -261,16 +261,21 @@ def test_fuse_teachers_accepts_inference_tensors():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("loss", ["tfd", "sfd"])
-def test_loss_is_computed_in_fp32_for_half_inputs(dtype, loss):
-    """Half inputs give an fp32 loss equal to the loss of the same values upcast first."""
+@pytest.mark.parametrize("distance", ["kl", "mse"])
+def test_loss_is_computed_in_fp32_for_half_inputs(dtype, loss, distance):
+    """Half inputs give an fp32 loss equal to the loss of the same values upcast first
+    (the MSE ablation too: squared half differences would round, or overflow in fp16)."""
     fn = tfd_loss if loss == "tfd" else sfd_loss
     s, t = _tokens(2, 17, 64, seed=70, dtype=dtype), _tokens(2, 17, 64, seed=71, dtype=dtype)
-    got = fn(s, t)
+    got = fn(s, t, distance=distance)
     assert got.dtype == torch.float32
-    want = fn(s.float(), t.float())
+    want = fn(s.float(), t.float(), distance=distance)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     # and that is the true value of the formula for those (rounded) inputs
-    ref = ref_tfd(s, t) if loss == "tfd" else ref_sfd(s, t)
+    if distance == "mse":
+        ref = ref_mse(s, t, 0 if loss == "tfd" else 1)
+    else:
+        ref = ref_tfd(s, t) if loss == "tfd" else ref_sfd(s, t)
     assert got.item() == pytest.approx(ref, **REL)
 
 

@@ -231,3 +231,38 @@ def test_every_rank_calls_off_the_same_steps(tmp_path):
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result == {"skips": [0.0, 1.0, 0.0], "step": 2.0}, rank
+
+
+def _guard_with_gradients(*grads):
+    """A guard checking parameters whose gradients are set by hand (None: no gradient)."""
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in grads]
+    for p, g in zip(params, grads):
+        p.grad = g
+    optimizer = torch.optim.AdamW(params, fused=True)
+    return StepGuard(optimizer, "cpu", check_gradients=params)
+
+
+def test_huge_but_finite_gradients_are_not_called_off():
+    """The check must not overflow where the gradients do not: 1e25 is finite in fp32, but
+    its square (what an L2 norm sums) is not, and would call off a good step."""
+    guard = _guard_with_gradients(torch.full((3,), 1e25), torch.full((3,), -2e25))
+    assert guard.decide().item() == FINITE and guard.skip.item() == 0.0
+
+
+def test_a_checked_parameter_without_a_gradient_is_fine():
+    """A parameter unused in this step has no gradient: it is passed over, not an error,
+    while the others are still checked."""
+    guard = _guard_with_gradients(torch.ones(3), None)
+    assert guard.decide().item() == FINITE and guard.skip.item() == 0.0
+    guard = _guard_with_gradients(torch.tensor([1.0, float("inf"), 0.0]), None)
+    assert guard.decide().item() == NONFINITE_GRADIENTS and guard.skip.item() == 1.0
+
+
+def test_grad_norm_is_the_l2_norm_of_the_checked_gradients():
+    """The logged gradient norm: the L2 norm over all checked gradients together,
+    against a float64 sum of squares."""
+    grads = [torch.randn(3, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    guard = _guard_with_gradients(*grads, None)
+    guard.decide()
+    expected = sum(float(v) ** 2 for g in grads for v in g.double()) ** 0.5
+    assert guard.grad_norm.item() == pytest.approx(expected, rel=1e-6)

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from dmt.data import write_sample_images
+from dmt.engine.stop import StopRequest
 from engine_utils import (PRETRAIN, REPO, check, clean_env, free_port, metrics, run_pretrain,
                           tiny_config)
 
@@ -117,3 +118,50 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, images
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step{stopped_at:08d}"
     assert sorted(p.name for p in (run_dir / "checkpoints" / f"step{stopped_at:08d}")
                   .glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
+
+
+# In-process checks of the handler itself (fast; no run launched). signal.raise_signal
+# delivers synchronously, so the handler has run when it returns.
+
+def test_a_second_ctrl_c_stops_at_once():
+    """The first Ctrl-C only records the request; the second raises KeyboardInterrupt so
+    a user can still stop at once, without waiting for the window's end."""
+    stop = StopRequest(announce=False).install()
+    try:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        stop.restore()
+
+
+def test_the_first_stop_signal_is_the_one_kept():
+    """A SIGTERM after a Ctrl-C does not overwrite the recorded signal: the run reports
+    (and exits with) the signal that asked first."""
+    stop = StopRequest(announce=False).install()
+    try:
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGTERM)  # not a second Ctrl-C: no KeyboardInterrupt
+        assert stop.signum == signal.SIGINT
+    finally:
+        stop.restore()
+
+
+def test_restore_reinstalls_the_previous_handlers():
+    """After the run, the handlers that were there before (a caller's own) come back."""
+
+    def mine(_signum, _frame):
+        pass
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGTERM, mine)
+        stop = StopRequest(announce=False).install()
+        assert signal.getsignal(signal.SIGTERM) != mine
+        stop.restore()
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

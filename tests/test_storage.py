@@ -12,7 +12,7 @@ import torch
 
 from dmt.data import write_sample_images
 from dmt.engine import checkpoint as ckpt
-from dmt.engine.logger import RunLogger
+from dmt.engine.logger import RunLogger, drop_rows_after
 from dmt.errors import CheckpointError, StorageError
 from engine_utils import PRETRAIN, REPO, check, clean_env, run_pretrain, tiny_config
 
@@ -153,6 +153,53 @@ def test_a_metrics_write_that_fails_names_the_file(tmp_path):
     row = {"step": 1, "total_steps": 10, "epoch": 0, "loss": 1.0, "lr": 0.1, "img_per_s": 1.0}
     with pytest.raises(StorageError, match=r"cannot write the metrics /dev/full \(No space"):
         log.log_steps([row])
+
+
+def _rows(*steps):
+    return "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in steps)
+
+
+def test_a_restart_drops_exactly_the_rows_after_its_step(tmp_path):
+    """A resume from step 2 redoes step 3: its one old row goes, rows 1..2 stay as they
+    were; a line cut short by a crash goes too (each case dropping a single line)."""
+    metrics_file = tmp_path / "metrics.jsonl"
+    metrics_file.write_text(_rows(1, 2, 3))
+    assert drop_rows_after(metrics_file, 2) == 1
+    assert metrics_file.read_text() == _rows(1, 2)
+    metrics_file.write_text(_rows(1, 2) + '{"step": 3, "lo')
+    assert drop_rows_after(metrics_file, 2) == 1
+    assert metrics_file.read_text() == _rows(1, 2)
+    assert drop_rows_after(metrics_file, 2) == 0 and metrics_file.read_text() == _rows(1, 2)
+
+
+def test_a_failed_metrics_rewrite_keeps_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    """The rewrite is atomic: where it fails (a full disk), the old rows stay whole, the
+    temporary file goes, and the error names metrics.jsonl."""
+    metrics_file = tmp_path / "metrics.jsonl"
+    metrics_file.write_text(_rows(1, 2, 3))
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(StorageError, match=rf"cannot write the metrics {metrics_file} \(No space"):
+        drop_rows_after(metrics_file, 1)
+    assert metrics_file.read_text() == _rows(1, 2, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_the_plain_progress_line_reports_the_last_step_of_the_window(tmp_path, capsys):
+    """Without a progress bar (batch jobs) each flush prints one line for the newest step
+    of the window, not the oldest."""
+    log = RunLogger(tmp_path, 10, enabled=True, progress=False, tensorboard=False)
+    rows = [{"step": s, "total_steps": 10, "epoch": 0, "loss": 1.0 / s, "lr": 0.1,
+             "img_per_s": 8.0} for s in (1, 2, 3)]
+    capsys.readouterr()
+    log.log_steps(rows)
+    log.close()
+    out = capsys.readouterr().out
+    assert out.count("step ") == 1 and "step 3/10 " in out and "loss 0.3333" in out, out
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()] == [1, 2, 3]
 
 
 @pytest.fixture(scope="module")

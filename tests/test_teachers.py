@@ -318,6 +318,33 @@ def test_a_file_of_another_kind_is_named_with_the_kind_it_looks_like(source, tmp
     assert refused >= 12  # most pairs cannot load (a bare file fits mae and ibot too)
 
 
+def test_a_timm_file_with_a_distillation_head_loads(source, images, tmp_path):
+    """DeiT-style timm files carry a second classifier, head_dist.*: it is a head, not
+    part of the encoder, and is dropped like head.* (not an unexpected key)."""
+    d = source.embed_dim
+    state = {**source.state_dict(), "head_dist.weight": torch.randn(1000, d),
+             "head_dist.bias": torch.randn(1000)}
+    path = _write(tmp_path, "deit.pth", state)
+    teacher = load_teacher("timm", path, arch=ARCH, img_size=IMG, dtype=torch.float32)
+    mean, std = source.pretrained_cfg["mean"], source.pretrained_cfg["std"]
+    with torch.no_grad():
+        want = source.forward_features(_renormalised(images, mean, std))
+    torch.testing.assert_close(teacher(images), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_mocov3_file_without_the_module_prefix_is_recognised(source, tmp_path):
+    """MoCo v3 files saved without DistributedDataParallel have bare base_encoder.* keys:
+    they load as mocov3, and tried as another kind the error says they look like one."""
+    obj = _mocov3_file(_encoder_state(source))
+    obj["state_dict"] = {k[len("module."):]: v for k, v in obj["state_dict"].items()}
+    assert all(not k.startswith("module.") for k in obj["state_dict"])
+    path = _write(tmp_path, "moco_bare.pth.tar", obj)
+    load_teacher("mocov3", path, arch=ARCH, img_size=IMG)
+    with pytest.raises(CheckpointError) as excinfo:
+        load_teacher("ibot", path, arch=ARCH, img_size=IMG)
+    assert "the file looks like a 'mocov3' checkpoint, not 'ibot'" in _message(excinfo)
+
+
 def test_vit_small_file_into_vit_base_arch_names_shapes(tmp_path):
     small = _perturbed_vit("vit_small_patch16_224", img_size=IMG, seed=6)
     path = _write(tmp_path, "dino_vits16.pth", _encoder_state(small))
@@ -383,6 +410,16 @@ def test_random_teachers_are_reproducible(images):
     a, b, c = _random("a", seed=1), _random("b", seed=1), _random("c", seed=2)
     assert torch.equal(a(images), b(images))
     assert not torch.equal(a(images), c(images))
+
+
+def test_a_random_teacher_leaves_the_global_random_state_alone():
+    """Building a random teacher (seeded by its own `seed`) must not reset torch's global
+    generator: the student's initialisation and the run's dropout draw from it next."""
+    torch.manual_seed(1234)
+    expected = torch.rand(4)  # what the next draw is without the teacher
+    torch.manual_seed(1234)
+    _random("a", seed=0)
+    assert torch.equal(torch.rand(4), expected)
 
 
 def test_ensemble_width_mismatch_is_config_error():

@@ -18,7 +18,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", "
 @dataclass(frozen=True)
 class ImageFolder:
     root: Path
-    files: list    # [Path], sorted: class by class, then by relative path
+    # [Path], the same order on every machine: class by class; in a folder its own files
+    # by name, then its subfolders by name (a walk, not a sort of the relative paths)
+    files: list
     labels: list   # [int], index into `classes` (0 everywhere for a flat folder)
     classes: list  # [str], sorted subfolder names; [""] for a flat folder
 

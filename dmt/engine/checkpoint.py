@@ -166,6 +166,13 @@ def _complete(ckpt_root: Path, tag: str, trainer_state: dict) -> None:
             raise
         raise storage_error(final, err, f"checkpoint {tag} to") from None
     shutil.rmtree(stale, ignore_errors=True)
+    # DeepSpeed's offline converters, which it copies beside a ZeRO save: next to `latest`,
+    # where `zero_to_fp32.py checkpoints/ OUT` looks (and out of .tmp/, which then goes).
+    for script in tmp_root.glob("zero_to_*.py"):
+        try:
+            os.replace(script, ckpt_root / script.name)
+        except OSError:  # a convenience: the checkpoint is complete without it
+            pass
 
 
 def _remove_if_empty(tmp_root: Path) -> None:
