@@ -4,7 +4,10 @@ from pathlib import Path
 
 
 class DMTError(Exception):
-    """Base class of every error dmt raises on purpose."""
+    """Base class of every error dmt raises on purpose. `every_rank_knows`: all ranks
+    raised it together with the same text (after agreeing on it), so rank 0 alone says it."""
+
+    every_rank_knows = False
 
 
 class ConfigError(DMTError):

@@ -103,6 +103,8 @@ def main(argv=None) -> int:
         # Checks before start-up fail alike on the ranks of a node: said once per node (a
         # path missing on one node only is that node's). Later errors may be one rank's own
         # (its data shard, its teacher stream): every rank speaks.
+        if err.every_rank_knows and rank != 0:
+            return 2  # the same words on every rank: rank 0 says them once
         if started or rank == 0 or int(os.environ.get("LOCAL_RANK", 0)) == 0:
             many = int(os.environ.get("WORLD_SIZE", 1)) > 1
             prefix = f"[rank {rank}] " if many and (started or rank != 0) else ""

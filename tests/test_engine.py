@@ -187,6 +187,7 @@ def test_ranks_that_disagree_on_config_or_data_are_refused(tmp_path, images):
     assert result.returncode != 0
     assert ("the ranks of this launch disagree: optim.lr: 0.001 on rank 0, 0.1 on rank(s) [1]"
             in result.stderr), result.stderr[-3000:]
+    assert result.stderr.count("the ranks of this launch disagree") == 1  # rank 0 says it
     assert not (tmp_path / "runs" / "mixed").exists()  # refused before anything was written
     result = launch("")  # the same config, but node 1's copy of the data has 24 images, not 32
     assert result.returncode != 0

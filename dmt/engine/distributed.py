@@ -154,5 +154,7 @@ def check_same_on_every_rank(facts: dict, device, remedy: str) -> None:
         odd = [r for r, v in enumerate(values) if v != values[0]]
         differences.append(f"{key}: {values[0]!r} on rank 0, {values[odd[0]]!r} on rank(s) "
                            f"{odd[:8]}{' ...' if len(odd) > 8 else ''}")
-    raise ConfigError("the ranks of this launch disagree: " + "; ".join(differences[:6])
+    err = ConfigError("the ranks of this launch disagree: " + "; ".join(differences[:6])
                       + f"{' ...' if len(differences) > 6 else ''}. {remedy}")
+    err.every_rank_knows = True  # every rank gathered the same facts
+    raise err
