@@ -4,6 +4,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -248,6 +249,19 @@ def test_a_master_port_in_use_is_named_with_the_way_out(tmp_path):
     assert (f"dmt: error: MASTER_PORT {port} on 127.0.0.1 is in use (another job on this "
             "node?): pick a free port") in result.stderr
     assert not (tmp_path / "runs" / "port").exists()
+
+
+def test_a_rendezvous_still_waiting_says_so_and_a_quick_one_says_nothing(capsys):
+    """A rank whose peers never come (a node that did not start) used to print nothing
+    until the timeout; setup_distributed wraps the rendezvous in this notice."""
+    from dmt.engine.distributed import notice_if_slow
+    with notice_if_slow(0.05, "still waiting for the 2 ranks"):
+        time.sleep(0.5)
+    with notice_if_slow(0.05, "never shown"):
+        pass
+    time.sleep(0.3)
+    err = capsys.readouterr().err
+    assert err.count("still waiting for the 2 ranks") == 1 and "never shown" not in err
 
 
 # --- teachers ------------------------------------------------------------------

@@ -5,12 +5,16 @@ import hashlib
 import json
 import os
 import socket
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from dmt.errors import ConfigError
+from dmt.errors import ConfigError, DMTError
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,22 @@ def launched_world_size() -> int:
     return 1
 
 
+JOIN_NOTICE_S = 30.0  # a rendezvous still waiting after this long says so
+
+
+@contextmanager
+def notice_if_slow(seconds: float, message: str) -> Iterator[None]:
+    """Prints `message` to stderr if the block still runs after `seconds`: a rank waiting
+    for peers that never come would otherwise stay silent until the timeout."""
+    timer = threading.Timer(seconds, lambda: print(message, file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def setup_distributed() -> DistInfo:
     """Initialises torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU).
 
@@ -73,9 +93,21 @@ def setup_distributed() -> DistInfo:
         # DeepSpeed would compile its shared-memory comm op (~30 s) at first use on CPU.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
+        from deepspeed.constants import default_pg_timeout
+        waiting = (f"dmt: [rank {os.environ.get('RANK', '?')}] still waiting for the "
+                   f"{launched_world_size()} ranks to meet at {os.environ.get('MASTER_ADDR')}:"
+                   f"{os.environ.get('MASTER_PORT')}: has every node's launcher started? (gives "
+                   f"up after DEEPSPEED_TIMEOUT, {default_pg_timeout.total_seconds() / 60:g} min)")
         try:
-            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+            with notice_if_slow(JOIN_NOTICE_S, waiting):
+                deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
         except (RuntimeError, OSError) as err:  # DistNetworkError is a RuntimeError
+            if "clients joined" in str(err):  # rank 0's store gave up on its peers
+                raise DMTError(
+                    f"rank 0 gave up waiting for its peers at {os.environ.get('MASTER_ADDR')}:"
+                    f"{os.environ.get('MASTER_PORT')} ({err}): has every node's launcher "
+                    "started, with the same MASTER_ADDR and MASTER_PORT? (DEEPSPEED_TIMEOUT "
+                    "sets how long rank 0 waits)") from None
             if "EADDRINUSE" not in str(err) and "address already in use" not in str(err):
                 raise
             raise ConfigError(
