@@ -1,6 +1,7 @@
 """dmt: distillation with multiple frozen self-supervised teachers (arXiv 2312.11938)."""
 import sys
 import types
+import warnings
 
 import torch
 
@@ -10,6 +11,11 @@ import torch
 if torch.version.cuda is None:
     sys.modules.setdefault("torchvision._meta_registrations",
                            types.ModuleType("torchvision._meta_registrations"))
+
+# DeepSpeed 0.19 calls an API that torch 2.13 deprecates: a warning on every rank, every
+# run, about code users cannot change.
+warnings.filterwarnings("ignore", category=FutureWarning,
+                        message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated")
 
 from dmt.errors import CheckpointError, ConfigError, DataError, DMTError  # noqa: E402
 

@@ -4,10 +4,10 @@ from pathlib import Path
 
 
 class DMTError(Exception):
-    """Base class of every error dmt raises on purpose. `every_rank_knows`: all ranks
+    """Base class of every error dmt raises on purpose. `same_on_every_rank`: all ranks
     raised it together with the same text (after agreeing on it), so rank 0 alone says it."""
 
-    every_rank_knows = False
+    same_on_every_rank = False
 
 
 class ConfigError(DMTError):

@@ -14,7 +14,6 @@ import difflib
 import os
 import signal
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -22,11 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dmt  # noqa: E402  (before timm: see dmt/__init__.py)
 from dmt.config import batch_arithmetic, check_files, load_config, student_ranks  # noqa: E402
 from dmt.errors import ConfigError, DMTError  # noqa: E402
-
-# DeepSpeed 0.19 calls an API that torch 2.13 deprecates: a warning on every rank, every
-# run, about code the user cannot change.
-warnings.filterwarnings("ignore", category=FutureWarning,
-                        message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -103,8 +97,11 @@ def main(argv=None) -> int:
         # Checks before start-up fail alike on the ranks of a node: said once per node (a
         # path missing on one node only is that node's). Later errors may be one rank's own
         # (its data shard, its teacher stream): every rank speaks.
-        if err.every_rank_knows and rank != 0:
-            return 2  # the same words on every rank: rank 0 says them once
+        if err.same_on_every_rank and rank != 0:  # the same words: rank 0 says them once
+            if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # for a node's own log
+                print(f"dmt: error: [rank {rank}] stopped with every rank; rank 0 says why",
+                      file=sys.stderr)
+            return 2
         if started or rank == 0 or int(os.environ.get("LOCAL_RANK", 0)) == 0:
             many = int(os.environ.get("WORLD_SIZE", 1)) > 1
             prefix = f"[rank {rank}] " if many and (started or rank != 0) else ""

@@ -251,6 +251,27 @@ def test_a_master_port_in_use_is_named_with_the_way_out(tmp_path):
     assert not (tmp_path / "runs" / "port").exists()
 
 
+def test_a_disagreement_names_each_value_with_its_own_ranks(monkeypatch):
+    """Four ranks, three learning rates (and an int against a float, which compare equal
+    in Python but differ in the file): each value is named with the ranks that hold it."""
+    import torch.distributed as dist
+
+    from dmt.engine.distributed import check_same_on_every_rank
+    every = [{"optim.lr": 0.001, "run.seed": 1}, {"optim.lr": 0.1, "run.seed": 1.0},
+             {"optim.lr": 0.2, "run.seed": 1}, {"optim.lr": 0.001, "run.seed": 1}]
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: len(every))
+    monkeypatch.setattr(dist, "all_gather", lambda out, t: [o.fill_(i) for i, o in enumerate(out)])
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), every))
+    with pytest.raises(ConfigError) as err:
+        check_same_on_every_rank(every[0], "cpu", "Launch alike.")
+    assert str(err.value) == (
+        "the ranks of this launch disagree: optim.lr: 0.001 on rank(s) [0, 3], 0.1 on rank(s) "
+        "[1], 0.2 on rank(s) [2]; run.seed: 1 on rank(s) [0, 2, 3], 1.0 on rank(s) [1]. "
+        "Launch alike.")
+    assert err.value.same_on_every_rank
+
+
 def test_a_rendezvous_still_waiting_says_so_and_a_quick_one_says_nothing(capsys):
     """A rank whose peers never come (a node that did not start) used to print nothing
     until the timeout; setup_distributed wraps the rendezvous in this notice."""

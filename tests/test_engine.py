@@ -185,13 +185,14 @@ def test_ranks_that_disagree_on_config_or_data_are_refused(tmp_path, images):
 
     result = launch("optim.lr=0.1")
     assert result.returncode != 0
-    assert ("the ranks of this launch disagree: optim.lr: 0.001 on rank 0, 0.1 on rank(s) [1]"
-            in result.stderr), result.stderr[-3000:]
+    assert ("the ranks of this launch disagree: optim.lr: 0.001 on rank(s) [0], 0.1 on "
+            "rank(s) [1]" in result.stderr), result.stderr[-3000:]
     assert result.stderr.count("the ranks of this launch disagree") == 1  # rank 0 says it
     assert not (tmp_path / "runs" / "mixed").exists()  # refused before anything was written
     result = launch("")  # the same config, but node 1's copy of the data has 24 images, not 32
     assert result.returncode != 0
-    assert "data samples: 32 on rank 0, 24 on rank(s) [1]" in result.stderr, result.stderr[-3000:]
+    assert "data samples: 32 on rank(s) [0], 24 on rank(s) [1]" in result.stderr, \
+        result.stderr[-3000:]
     assert not (tmp_path / "runs" / "mixed" / "checkpoints").exists()
 
 
@@ -328,6 +329,9 @@ def test_resume_with_another_zero_layout_is_refused_but_zero1_and_2_resume_each_
                       deepspeed={"config": "ds_configs/zero2_fp32.json"})
     check(run_pretrain(cfg))
     ckpt = tmp_path / "runs" / "z2" / "checkpoints" / "step00000002"
+    # DeepSpeed's converter sits beside `latest`, where it looks for the newest checkpoint.
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == [
+        "latest", "step00000002", "zero_to_fp32.py", "zero_to_torch.py"]
     refused = run_pretrain(cfg, "--resume", "auto", "run.max_steps=4",
                            "deepspeed.config=ds_configs/cpu_fp32.json")
     assert refused.returncode == 2

@@ -21,6 +21,8 @@ class _Engine:
     """What save_checkpoint asks of a DeepSpeed engine; `fail` makes the write break
     half-way, as a full disk does (torch.save raises RuntimeError there)."""
 
+    device = "cpu"
+
     def __init__(self, fail: bool = False, partitions=()):
         self.fail, self.partitions = fail, partitions
 

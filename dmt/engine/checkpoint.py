@@ -108,9 +108,11 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, trainer_state: dict, ran
     # node-local disk (the same path on every node) each node would keep only its own, and
     # no checkpoint of the run could be resumed.
     unseen = _unseen_parts(tmp_root / tag, trainer_state) if rank == 0 else []
-    if any_rank(bool(unseen), getattr(engine, "device", "cpu"), group):
+    if any_rank(bool(unseen), engine.device, group):
         if rank == 0:
             shutil.rmtree(tmp_root / tag, ignore_errors=True)
+            for script in tmp_root.glob("zero_to_*.py"):  # DeepSpeed's copies
+                script.unlink(missing_ok=True)
             _remove_if_empty(tmp_root)
         raise CheckpointError(
             f"checkpoint {tag}: rank 0 does not see "
@@ -125,16 +127,19 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, trainer_state: dict, ran
     return final
 
 
-def _unseen_parts(path: Path, trainer_state: dict, patience_s: float = 120.0) -> list[str]:
-    """The files of other ranks that `path` lacks: each student rank's RNG state and, under
-    ZeRO, its optimizer partition. A network filesystem may show another node's new files
-    a little late (attribute caching): a miss is looked for again for `patience_s`."""
+def _unseen_parts(path: Path, trainer_state: dict) -> list[str]:
+    """The files of other ranks that `path` lacks: each student rank's RNG state and, where
+    the optimizer is partitioned (ZeRO, or DeepSpeed's bf16 optimizer), its partition. A
+    network filesystem may show another node's new files a little late (attribute
+    caching): a miss is looked for again for 2 min, or half the collectives' timeout, for
+    which the other ranks wait."""
+    from deepspeed.constants import default_pg_timeout
     ranks = trainer_state.get("student_ranks", 1)
-    deadline = time.monotonic() + patience_s
+    deadline = time.monotonic() + min(120.0, default_pg_timeout.total_seconds() / 2)
     while True:
         unseen = [f"rng_rank{r}.pt" for r in range(ranks)
                   if not (path / f"rng_rank{r}.pt").is_file()]
-        if trainer_state.get("zero_stage"):
+        if trainer_state.get("zero_stage") or _partition_ranks(path):
             found = _partition_ranks(path)
             unseen += [f"the ZeRO partition of rank {r}" for r in range(ranks) if r not in found]
         if not unseen or time.monotonic() > deadline:
@@ -266,8 +271,9 @@ def check_complete(path: Path, trainer_state: dict) -> int:
     # for ZeRO-1/2 trust the partitions found.
     zero = trainer_state.get("zero_stage", 3 if any(path.glob("zero_pp_rank_*_model_states.pt"))
                              else int(bool(found)))
-    if not zero:
+    if not zero and not found:
         return 0  # no ZeRO: the whole state is in the model states, for any number of ranks
+    # (Stage 0 with partitions: DeepSpeed's bf16 optimizer partitions its state too.)
     stage = f"ZeRO-{zero}" if "zero_stage" in trainer_state else "ZeRO"  # else guessed
     saved_ranks = trainer_state.get("student_ranks", max(found, default=0) + 1)
     missing = sorted(set(range(saved_ranks)) - found)

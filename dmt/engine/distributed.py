@@ -180,13 +180,19 @@ def check_same_on_every_rank(facts: dict, device, remedy: str) -> None:
     dist.all_gather_object(every, facts)
     differences = []
     for key in sorted({k for f in every for k in f}):
-        values = [f.get(key, "(absent)") for f in every]
-        if len({json.dumps(v, default=str) for v in values}) == 1:
-            continue
-        odd = [r for r, v in enumerate(values) if v != values[0]]
-        differences.append(f"{key}: {values[0]!r} on rank 0, {values[odd[0]]!r} on rank(s) "
-                           f"{odd[:8]}{' ...' if len(odd) > 8 else ''}")
+        ranks_by_value: dict[str, list[int]] = {}  # JSON text: 1 and 1.0 differ, as above
+        for r, f in enumerate(every):
+            ranks_by_value.setdefault(json.dumps(f.get(key, "(absent)"), default=str),
+                                      []).append(r)
+        if len(ranks_by_value) > 1:
+            differences.append(f"{key}: " + ", ".join(
+                f"{value} on rank(s) {_short_list(ranks)}"
+                for value, ranks in ranks_by_value.items()))
     err = ConfigError("the ranks of this launch disagree: " + "; ".join(differences[:6])
                       + f"{' ...' if len(differences) > 6 else ''}. {remedy}")
-    err.every_rank_knows = True  # every rank gathered the same facts
+    err.same_on_every_rank = True  # every rank gathered the same facts
     raise err
+
+
+def _short_list(ranks: list[int]) -> str:
+    return f"{ranks[:8]}"[:-1] + (", ...]" if len(ranks) > 8 else "]")

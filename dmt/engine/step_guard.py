@@ -70,6 +70,7 @@ class StepGuard:
         flag is set from it and the guard starts afresh for the next step."""
         verdict, self.verdict = self.verdict, torch.zeros((), dtype=torch.float32,
                                                           device=self.device)
+        self.grad_norm = None
         grads = [p.grad for p in self.check_gradients or () if p.grad is not None]
         if grads:
             # One vectorised pass over the gradients: a sum passes any inf or NaN on

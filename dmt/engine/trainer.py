@@ -136,11 +136,16 @@ def prepare_launch(cfg: dict, info: DistInfo, resume: str | None) -> Launch:
     return Launch(run_dir, dp_world, accum, ds_config, resume, resume_from, saved, teacher_files)
 
 
+_NODE_LOCAL_KEYS = ("data.path", "data.num_workers", "data.probe_cache", "run.progress")
+
+
 def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
-    # Before anything else: the ranks must agree on what they run, and where to.
-    run_dir = (Path(cfg["run"]["output_dir"]) / cfg["run"]["name"]).resolve()
+    # Before anything else: the ranks must agree on what they run, and where to. Settings
+    # of a node's own I/O may differ (data staged to a per-node path is compared by size).
+    run_dir = (Path(cfg["run"]["output_dir"]) / cfg["run"]["name"]).absolute()
+    facts = {k: v for k, v in flatten(cfg).items() if k not in _NODE_LOCAL_KEYS}
     check_same_on_every_rank(
-        {**flatten(cfg), "run directory": str(run_dir), "--resume": resume}, info.device,
+        {**facts, "run directory": str(run_dir), "--resume": resume}, info.device,
         "Launch every rank with the same config file and overrides, from the same working "
         "directory (a node with another copy of the file, or other arguments?)")
     launch = prepare_launch(cfg, info, resume)

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
-from dmt.placement.groups import StudentGroups
+from dmt.placement.groups import world_student_groups
 
 
 class Colocated:
@@ -21,8 +21,9 @@ class Colocated:
         self.data_rank = dist.get_rank() if initialised else 0
         self.data_world_size = dist.get_world_size() if initialised else 1
         # Data parallelism over the whole world, on groups dmt makes: DeepSpeed's own clone
-        # of the world group would wait 30 min for a stalled rank, not DEEPSPEED_TIMEOUT.
-        self.mpu = StudentGroups(range(self.data_world_size)) if initialised else None
+        # of the world group gets torch's default timeout (30 min on gloo), not
+        # DEEPSPEED_TIMEOUT.
+        self.mpu = world_student_groups() if initialised else None
 
     def targets(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.method.teacher_targets(batch["teacher"])

@@ -67,3 +67,16 @@ class StudentGroups:
 
     def get_pipeline_model_parallel_rank(self) -> int:
         return 0
+
+
+_WORLD_GROUPS: tuple | None = None  # (the process group they were made in, StudentGroups)
+
+
+def world_student_groups() -> StudentGroups:
+    """StudentGroups over every rank, made once per process group: new_group is collective
+    and groups are never freed, so placements built in a loop (benchmarks, tests) share
+    one set."""
+    global _WORLD_GROUPS
+    if _WORLD_GROUPS is None or _WORLD_GROUPS[0] is not dist.group.WORLD:
+        _WORLD_GROUPS = (dist.group.WORLD, StudentGroups(range(dist.get_world_size())))
+    return _WORLD_GROUPS[1]
