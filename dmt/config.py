@@ -466,6 +466,11 @@ def _check_data_files(data: dict) -> None:
                           f"write one with python launch/make_beton.py {path} OUT.beton")
 
 
+def run_directory(cfg: dict) -> Path:
+    """Where a run writes everything: run.output_dir / run.name."""
+    return Path(cfg["run"]["output_dir"]) / cfg["run"]["name"]
+
+
 def resolve_path(path: str | Path, repo_root: Path | None = None) -> Path:
     """Relative paths resolve against the working directory, then the repository root."""
     path = Path(path)

@@ -53,8 +53,9 @@ def check_resume(resume: str | None) -> None:
 def _where_to_resume(cfg: dict | None) -> str:
     if cfg is None:
         return "nothing was written"
+    from dmt.config import run_directory
     from dmt.engine.checkpoint import find_checkpoint
-    run_dir = Path(cfg["run"]["output_dir"]) / cfg["run"]["name"]
+    run_dir = run_directory(cfg)
     try:
         found = find_checkpoint("auto", run_dir)
     except DMTError as err:

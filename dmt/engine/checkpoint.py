@@ -139,9 +139,7 @@ def _unseen_parts(path: Path, trainer_state: dict) -> list[str]:
     while True:
         unseen = [f"rng_rank{r}.pt" for r in range(ranks)
                   if not (path / f"rng_rank{r}.pt").is_file()]
-        if trainer_state.get("zero_stage") or _partition_ranks(path):
-            found = _partition_ranks(path)
-            unseen += [f"the ZeRO partition of rank {r}" for r in range(ranks) if r not in found]
+        unseen += [f"the ZeRO partition of rank {r}" for r in _partitions(path, trainer_state)[1]]
         if not unseen or time.monotonic() > deadline:
             return unseen
         time.sleep(5)
@@ -259,6 +257,21 @@ def _partition_ranks(path: Path) -> set[int]:
             if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))}
 
 
+def _partitions(path: Path, trainer_state: dict) -> tuple[int, list[int]]:
+    """How many student ranks' optimizer partitions the checkpoint must hold (0: none, the
+    whole state is in the model states, for any number of ranks), and which it lacks."""
+    found = _partition_ranks(path)
+    # Checkpoints before dmt recorded zero_stage: ZeRO-3 shows in its model state names;
+    # for ZeRO-1/2 trust the partitions found.
+    zero = trainer_state.get("zero_stage", 3 if any(path.glob("zero_pp_rank_*_model_states.pt"))
+                             else int(bool(found)))
+    if not zero and not found:
+        return 0, []
+    # (Stage 0 with partitions: DeepSpeed's bf16 optimizer partitions its state too.)
+    saved_ranks = trainer_state.get("student_ranks", max(found, default=0) + 1)
+    return saved_ranks, sorted(set(range(saved_ranks)) - found)
+
+
 def check_complete(path: Path, trainer_state: dict) -> int:
     """Refuse a checkpoint that lacks files DeepSpeed (or an export) would need: its model
     states, or a ZeRO partition of one of the student ranks that wrote it. Returns how many
@@ -266,18 +279,10 @@ def check_complete(path: Path, trainer_state: dict) -> int:
     if not any(path.glob("*mp_rank_*_model_states.pt")):  # ZeRO-3: zero_pp_rank_R_mp_rank_..
         raise CheckpointError(f"checkpoint {path} has no DeepSpeed model states "
                               "(*mp_rank_00_model_states.pt); " + _alternatives(path.parent.parent, path))
-    found = _partition_ranks(path)
-    # Checkpoints before dmt recorded zero_stage: ZeRO-3 shows in its model state names;
-    # for ZeRO-1/2 trust the partitions found.
-    zero = trainer_state.get("zero_stage", 3 if any(path.glob("zero_pp_rank_*_model_states.pt"))
-                             else int(bool(found)))
-    if not zero and not found:
-        return 0  # no ZeRO: the whole state is in the model states, for any number of ranks
-    # (Stage 0 with partitions: DeepSpeed's bf16 optimizer partitions its state too.)
-    stage = f"ZeRO-{zero}" if "zero_stage" in trainer_state else "ZeRO"  # else guessed
-    saved_ranks = trainer_state.get("student_ranks", max(found, default=0) + 1)
-    missing = sorted(set(range(saved_ranks)) - found)
+    saved_ranks, missing = _partitions(path, trainer_state)
     if missing:
+        stage = (f"ZeRO-{trainer_state['zero_stage']}" if "zero_stage" in trainer_state
+                 else "ZeRO")  # else guessed
         raise CheckpointError(f"checkpoint {path} ({stage}) lacks the optimizer partitions "
                               f"of student rank(s) {missing} (*zero_pp_rank_R_*optim_states.pt); "
                               + _alternatives(path.parent.parent, path))

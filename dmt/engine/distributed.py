@@ -195,4 +195,4 @@ def check_same_on_every_rank(facts: dict, device, remedy: str) -> None:
 
 
 def _short_list(ranks: list[int]) -> str:
-    return f"{ranks[:8]}"[:-1] + (", ...]" if len(ranks) > 8 else "]")
+    return str(ranks) if len(ranks) <= 8 else str(ranks[:8])[:-1] + ", ...]"

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from dmt.build import (DTYPES, build_data, build_method, build_student, build_teachers,
                        uses_sample_images)
-from dmt.config import batch_arithmetic, dump_config, flatten, student_ranks
+from dmt.config import batch_arithmetic, dump_config, flatten, run_directory, student_ranks
 from dmt.data import write_sample_images
 from dmt.engine import checkpoint as ckpt
 from dmt.engine.distributed import (DistInfo, any_rank, barrier, check_same_on_every_rank,
@@ -118,7 +118,7 @@ def prepare_launch(cfg: dict, info: DistInfo, resume: str | None) -> Launch:
     optim_cfg = cfg["optim"]
     dp_world = student_ranks(cfg, info.world_size)
     accum = batch_arithmetic(optim_cfg["global_batch"], optim_cfg["micro_batch"], dp_world)
-    run_dir = Path(cfg["run"]["output_dir"]) / cfg["run"]["name"]
+    run_dir = run_directory(cfg)
     ds_config = deepspeed_config(cfg, accum)
     if not resume and ((run_dir / "checkpoints" / ckpt.LATEST).exists()
                        or ckpt.complete_checkpoints(run_dir)):
@@ -142,10 +142,10 @@ _NODE_LOCAL_KEYS = ("data.path", "data.num_workers", "data.probe_cache", "run.pr
 def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
     # Before anything else: the ranks must agree on what they run, and where to. Settings
     # of a node's own I/O may differ (data staged to a per-node path is compared by size).
-    run_dir = (Path(cfg["run"]["output_dir"]) / cfg["run"]["name"]).absolute()
     facts = {k: v for k, v in flatten(cfg).items() if k not in _NODE_LOCAL_KEYS}
     check_same_on_every_rank(
-        {**facts, "run directory": str(run_dir), "--resume": resume}, info.device,
+        {**facts, "run directory": str(run_directory(cfg).absolute()), "--resume": resume},
+        info.device,
         "Launch every rank with the same config file and overrides, from the same working "
         "directory (a node with another copy of the file, or other arguments?)")
     launch = prepare_launch(cfg, info, resume)
