@@ -105,7 +105,9 @@ def main(argv=None) -> int:
             return 2
         if started or rank == 0 or int(os.environ.get("LOCAL_RANK", 0)) == 0:
             many = int(os.environ.get("WORLD_SIZE", 1)) > 1
-            prefix = f"[rank {rank}] " if many and (started or rank != 0) else ""
+            # (an error every rank agreed on names its ranks itself)
+            own = many and (started or rank != 0) and not err.same_on_every_rank
+            prefix = f"[rank {rank}] " if own else ""
             print(f"dmt: error: {prefix}{err}", file=sys.stderr)
         return 2
     # Stopped by a signal (with a checkpoint): the shell's convention, 128 + the signal.

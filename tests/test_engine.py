@@ -196,6 +196,32 @@ def test_ranks_that_disagree_on_config_or_data_are_refused(tmp_path, images):
     assert not (tmp_path / "runs" / "mixed" / "checkpoints").exists()
 
 
+def test_a_data_folder_empty_on_one_node_stops_every_rank_naming_it(tmp_path, images):
+    """Two "nodes" launched by hand, each with its own copy of the data (data.path may
+    differ per node); node 1's is empty. Rank 1 used to stop alone, and rank 0 then died in
+    its next collective with gloo's "Connection closed by peer" traceback (on NCCL: waited
+    until the timeout). Now both stop at once, rank 0 naming rank 1's problem."""
+    (tmp_path / "empty").mkdir()
+    for node, data in (("node0", images), ("node1", tmp_path / "empty")):
+        (tmp_path / node).mkdir()
+        (tmp_path / node / "data").symlink_to(data)
+    cfg = tiny_config(tmp_path, "data", name="lonely", optim={"global_batch": 16})
+    env = {**clean_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": "2", "LOCAL_RANK": "0", "DEEPSPEED_TIMEOUT": "2"}
+    procs = [subprocess.Popen([sys.executable, str(PRETRAIN), "--config", str(cfg)],
+                              cwd=tmp_path / f"node{rank}", env={**env, "RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    (_, err0), (_, err1) = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], err0[-2000:] + err1[-2000:]
+    assert "Traceback" not in err0 + err1, err0[-2000:] + err1[-2000:]
+    assert re.search(r"dmt: error: data.path data \(backend torch, optim.global_batch 16\): "
+                     r"image folder 'data' holds no image files \(looked for [^)]*\) "
+                     r"\(on rank 1\)", err0), err0[-2000:]
+    assert "dmt: error: [rank 1] data.path data" in err1, err1[-2000:]  # node 1's own log
+    assert not (tmp_path / "runs" / "lonely" / "checkpoints").exists()
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_and_checkpoint_rotation(tmp_path, images):
     cfg = tiny_config(tmp_path, images, name="tr", run={"epochs": 1, "checkpoint_every": 1,

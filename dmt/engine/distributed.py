@@ -141,6 +141,52 @@ def any_rank(failed: bool, device, group=None) -> bool:
     return ranks_agreeing(failed, device, group) > 0
 
 
+@contextmanager
+def fail_together(device) -> Iterator[None]:
+    """Runs a block that one rank may fail alone (a data folder or a checkpoint missing on
+    its node) and that holds no collective: if any rank fails, every rank stops, and rank 0
+    says what failed where. Otherwise the others would wait at their next collective until
+    the timeout (NCCL) or die of a lost peer (gloo). A failing rank also says its own error,
+    unless every rank failed alike. Costs one scalar all-reduce, which is also a barrier."""
+    failure = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001  (crashes too: re-raised below)
+        failure = err
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        if failure is not None:
+            raise failure
+        return
+    if not any_rank(failure is not None, device):
+        return
+    said = [None] * dist.get_world_size()
+    dist.all_gather_object(said, None if failure is None else _in_words(failure))
+    ranks_by_words: dict[str, list[int]] = {}
+    for rank, words in enumerate(said):
+        if words is not None:
+            ranks_by_words.setdefault(words, []).append(rank)
+    everywhere = len(ranks_by_words) == 1 and None not in said
+    if failure is not None and (not isinstance(failure, DMTError)
+                                or (dist.get_rank() != 0 and not everywhere)):
+        raise failure  # for this node's log (a crash: with its traceback); rank 0 sums up
+    text = "; ".join(f"{words} ({_where(ranks, len(said))})"
+                     for words, ranks in list(ranks_by_words.items())[:4])
+    text += " ..." if len(ranks_by_words) > 4 else ""
+    err = (type(failure) if failure is not None else DMTError)(text)
+    err.same_on_every_rank = True  # every rank gathered the same words
+    raise err from None
+
+
+def _in_words(err: Exception) -> str:
+    return str(err) if isinstance(err, DMTError) else f"{type(err).__name__}: {err}"
+
+
+def _where(ranks: list[int], world_size: int) -> str:
+    if len(ranks) == world_size:
+        return f"on all {world_size} ranks"
+    return f"on rank {ranks[0]}" if len(ranks) == 1 else f"on ranks {_short_list(ranks)}"
+
+
 def teardown() -> None:
     """Ends the process group once every rank is done with it (the barrier: a rank that
     left early would cut a peer's last collective short). Left to the interpreter's exit,

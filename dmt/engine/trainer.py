@@ -26,7 +26,7 @@ from dmt.config import batch_arithmetic, dump_config, flatten, run_directory, st
 from dmt.data import write_sample_images
 from dmt.engine import checkpoint as ckpt
 from dmt.engine.distributed import (DistInfo, any_rank, barrier, check_same_on_every_rank,
-                                    skip_lone_allreduce)
+                                    fail_together, skip_lone_allreduce)
 from dmt.engine.ds_config import REPO_ROOT, deepspeed_config
 from dmt.engine.logger import RunLogger
 from dmt.engine.optim import build_optimizer, lr_at, peak_lr, set_hyperparameters
@@ -66,11 +66,12 @@ def _prepare_data_path(cfg: dict, run_dir: Path, info: DistInfo) -> str | None:
         return data["path"]
     folder, marker = run_dir / "sample_images", run_dir / "sample_images" / ".complete"
     wanted = f"{data['sample_images']} images, seed {cfg['run']['seed']}"
-    if info.is_main and not (marker.exists() and marker.read_text() == wanted):
-        shutil.rmtree(folder, ignore_errors=True)
-        write_sample_images(folder, num_images=data["sample_images"], seed=cfg["run"]["seed"])
-        marker.write_text(wanted)
-    barrier()
+    with fail_together(info.device):  # also the barrier: the others read what rank 0 wrote
+        if info.is_main and not (marker.exists() and marker.read_text() == wanted):
+            shutil.rmtree(folder, ignore_errors=True)
+            write_sample_images(folder, num_images=data["sample_images"],
+                                seed=cfg["run"]["seed"])
+            marker.write_text(wanted)
     return str(folder)
 
 
@@ -148,7 +149,8 @@ def train(cfg: dict, info: DistInfo, resume: str | None = None) -> dict:
         info.device,
         "Launch every rank with the same config file and overrides, from the same working "
         "directory (a node with another copy of the file, or other arguments?)")
-    launch = prepare_launch(cfg, info, resume)
+    with fail_together(info.device):  # a checkpoint one node cannot read stops every rank
+        launch = prepare_launch(cfg, info, resume)
     run_lock = _lock_run(launch.run_dir, info)
     try:  # also when training fails: an in-process caller may launch the run again
         return _train(cfg, info, launch, run_lock)
@@ -165,9 +167,13 @@ def _train(cfg: dict, info: DistInfo, launch: Launch, run_lock: ExclusiveLock | 
                  "no other launch uses the same run.name")
     torch.manual_seed(run_cfg["seed"] + info.rank)
 
-    teachers, method, placement = _build_models(cfg, info, launch.dp_world, log)
+    # A rank that fails alone below (its node lacks a file) stops the others with it.
+    with fail_together(info.device):
+        teachers, method = _build_models(cfg, info, launch.dp_world, log)
+    placement = _build_placement(cfg, method, info)  # (collective: it makes process groups)
     data_path = _prepare_data_path(cfg, launch.run_dir, info)
-    loaders = _build_loaders(cfg, placement, data_path, info)
+    with fail_together(info.device):
+        loaders = _build_loaders(cfg, placement, data_path, info)
     check_same_on_every_rank({"data samples": loaders[0].num_samples}, info.device,
                              f"Every rank must read the same data set ({data_path}): a node "
                              "with an incomplete or other copy of it?")
@@ -274,8 +280,8 @@ def _with_last_checkpoint(err: StorageError, last_ckpt) -> StorageError:
 
 
 def _build_models(cfg: dict, info: DistInfo, dp_world: int, log: RunLogger):
-    """Frozen half-precision teachers outside the engine, the student, the method that
-    pairs them, and this rank's side of the placement."""
+    """Frozen half-precision teachers outside the engine, the student, and the method that
+    pairs them."""
     runtime = cfg["teacher_runtime"]
     if runtime["placement"] == "dedicated" and info.rank < dp_world:
         # A dedicated student rank receives fused targets: it needs the teachers' shapes only.
@@ -286,11 +292,16 @@ def _build_models(cfg: dict, info: DistInfo, dp_world: int, log: RunLogger):
                                      stack=runtime["stack"], fp8=runtime["fp8"])
     student = build_student(cfg, teachers.embed_dim)
     method = build_method(cfg, student, teachers)  # refuses mismatched token grids
-    placement = build_placement(runtime["placement"], runtime["teacher_ranks"], method,
-                                micro_batch=cfg["optim"]["micro_batch"], device=info.device,
-                                transfer_dtype=DTYPES[runtime["transfer_dtype"]],
-                                prefetch=runtime["prefetch"])
-    return teachers, method, placement
+    return teachers, method
+
+
+def _build_placement(cfg: dict, method, info: DistInfo):
+    """This rank's side of the placement."""
+    runtime = cfg["teacher_runtime"]
+    return build_placement(runtime["placement"], runtime["teacher_ranks"], method,
+                           micro_batch=cfg["optim"]["micro_batch"], device=info.device,
+                           transfer_dtype=DTYPES[runtime["transfer_dtype"]],
+                           prefetch=runtime["prefetch"])
 
 
 def _build_loaders(cfg: dict, placement, data_path, info: DistInfo) -> list:
