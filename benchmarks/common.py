@@ -119,6 +119,33 @@ def write_json(path: Path | str, payload: dict) -> Path:
     return path
 
 
+def partial_path(out: Path) -> Path:
+    """Where a run keeps what it has measured until it completes."""
+    return out.with_name(out.name + ".partial")
+
+
+def refuse_to_replace(out: Path, overwrite: bool) -> None:
+    """A rerun does not silently replace measured results: neither a finished run's OUT nor
+    an interrupted run's OUT.partial, unless --overwrite says so."""
+    if overwrite:
+        return
+    for path, what in ((out, "an earlier run's results"),
+                       (partial_path(out), "an interrupted run's results")):
+        if path.exists():
+            raise SystemExit(f"{path} holds {what} ({_describe_result(path)}): pass "
+                             "--overwrite to replace them, or --out another path")
+
+
+def _describe_result(path: Path) -> str:
+    try:
+        payload = json.loads(path.read_text())
+        when = payload.get("timestamp") or payload.get("date") or "undated"
+        rows = payload.get("rows")
+        return f"{len(rows)} rows, {when}" if isinstance(rows, list) else when
+    except (OSError, ValueError, AttributeError):
+        return "unreadable"
+
+
 @contextlib.contextmanager
 def exclusive_output(path: Path):
     """One benchmark at a time per result file: a second run with the same output would

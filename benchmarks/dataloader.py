@@ -29,7 +29,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import (RESULTS_DIR, command_line, jpeg_folder, machine_description,  # noqa: E402
-                               timestamp, write_json)
+                               refuse_to_replace, timestamp, write_json)
 from dmt.data import build_loader  # noqa: E402
 from dmt.data.augment import ViewSpec, crop_boxes, make_views  # noqa: E402
 from dmt.data.folder import scan_image_folder  # noqa: E402
@@ -120,6 +120,9 @@ def main(argv=None):
     parser.add_argument("--num-images", type=int, default=1024, help="generated images")
     parser.add_argument("--image-side", type=int, default=500, help="longer side of generated images")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the result already at --out; without it such a run is "
+                             "refused")
     args = parser.parse_args(argv)
     for flag, least in (("batches", 1), ("windows", 1), ("warmup", 0), ("batch_size", 1),
                         ("image_size", 16), ("num_images", 1)):
@@ -132,13 +135,15 @@ def main(argv=None):
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
     if args.backend == "torchvision-nvjpeg" and device.type != "cuda":
         parser.error("torchvision-nvjpeg decodes on the GPU: pass --device cuda")
+    out = Path(args.out) if args.out else RESULTS_DIR / f"dataloader_{args.backend}_{device.type}.json"
+    refuse_to_replace(out, args.overwrite)  # before minutes of measuring, not after
     try:
-        return measure(args, device, argv)
+        return measure(args, device, out, argv)
     except DMTError as err:  # a diagnosis, not a crash: one line, as the launch/ scripts do
         parser.exit(2, f"benchmarks/dataloader.py: error: {err}\n")
 
 
-def measure(args, device: torch.device, argv=None) -> dict:
+def measure(args, device: torch.device, out: Path, argv=None) -> dict:
     batch_size = args.batch_size or (256 if device.type == "cuda" else 32)
     machine = machine_description(device)
 
@@ -195,8 +200,7 @@ def measure(args, device: torch.device, argv=None) -> dict:
         result["machine"]["load_average_at_end"] = list(os.getloadavg())
         del batches, loader
 
-    out = write_json(Path(args.out) if args.out else
-                     RESULTS_DIR / f"dataloader_{args.backend}_{device.type}.json", result)
+    write_json(out, result)
     gpu = f", GPU memory {result['gpu_memory']}" if "gpu_memory" in result else ""
     print(f"{args.backend} on {device}: {result['images_per_s']} dual-view images/s, "
           f"{result['cpu_cores_used']} CPU cores{gpu} -> {out}")

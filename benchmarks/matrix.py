@@ -72,6 +72,7 @@ class Config:
     threads: int | None = None
     jpeg_path: str | None = None
     out: str | None = None
+    overwrite: bool = False          # replace an earlier result at `out`
     notes: list[str] = field(default_factory=list)
 
 
@@ -177,6 +178,7 @@ def result_row(cfg: Config, student_arch: str, m: int, placement: str, source: s
            "data": source, "path": path, "img_size": cfg.img_size, "micro_batch": batch,
            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()},
            "flops_per_image": flops, "achieved_tflops": achieved / 1e12,
-           "mfu": achieved / peak.flops if peak.flops else None}
+           "mfu": achieved / peak.flops if peak.flops else None,
+           "peak_tflops": peak.flops / 1e12 if peak.flops else None}  # per device, for `mfu`
     row.update(extra or {})
     return row

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, replace
@@ -45,7 +46,8 @@ import torch  # noqa: E402
 
 from benchmarks.batches import make_batches  # noqa: E402
 from benchmarks.common import (RESULTS_DIR, command_line, exclusive_output,  # noqa: E402
-                               machine_description, timestamp, write_json)
+                               machine_description, partial_path, refuse_to_replace,
+                               timestamp, write_json)
 from benchmarks.matrix import (ALIASES, BATCH_CANDIDATES, DTYPES, PRESETS, SHORT,  # noqa: E402
                                Config, check_config, parse_cell, result_row)
 from benchmarks.placements import run_placements  # noqa: E402
@@ -104,6 +106,9 @@ def parse_args(argv=None) -> Config:
                         "comparison and the measured peak use; --preset gpu: torch's default)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/"
                                  "throughput_<preset>_<device>.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results already at --out (and an interrupted run's "
+                        "OUT.partial); without it such a run is refused")
     a = p.parse_args(argv)
     preset = dict(PRESETS[a.preset])
 
@@ -133,9 +138,18 @@ def parse_args(argv=None) -> Config:
     }
     preset.update({k: v for k, v in overrides.items() if v is not None})
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        p.error(f"--device {device}: expected cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {device}: CUDA is not available on this machine")
     cfg = Config(preset=a.preset, device=device, teacher_mode=a.teacher_mode,
                  teacher_compile=a.teacher_compile, teacher_fp8=a.teacher_fp8 == "on",
-                 jpeg_path=a.jpeg_path, out=a.out, variants_from=a.variants_from,
+                 jpeg_path=a.jpeg_path, out=a.out, overwrite=a.overwrite,
+                 variants_from=a.variants_from,
                  **preset)
     try:
         check_config(cfg)
@@ -219,7 +233,19 @@ def main(argv=None) -> Path:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     out = Path(cfg.out) if cfg.out else RESULTS_DIR / f"throughput_{cfg.preset}_{device.type}.json"
     with exclusive_output(out):
-        return measure(cfg, device, out)
+        refuse_to_replace(out, cfg.overwrite)
+        try:
+            return measure(cfg, device, out)
+        except KeyboardInterrupt:  # Ctrl-C: where the measured cells are, not a traceback
+            print(f"interrupted; {_what_was_kept(out)}", file=sys.stderr)
+            raise SystemExit(128 + signal.SIGINT) from None
+
+
+def _what_was_kept(out: Path) -> str:
+    partial = partial_path(out)
+    kept = (f"what was measured is in {partial} (\"complete\": false)" if partial.exists()
+            else "nothing was measured yet")
+    return kept + (f"; {out} is unchanged" if out.exists() else "")
 
 
 def measure(cfg: Config, device: torch.device, out: Path) -> Path:
@@ -231,9 +257,13 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
     student_dtype = dtype  # the engine's dtype: the trainer casts the student view to it
 
     peak, matmul_rates = _peaks(device, dtype)
+    # The reference's MFU is taken against the peak of the precision it runs in: on a CPU
+    # a bf16 fast path's peak is a fraction of the fp32 reference's.
+    ref_peak = (peak if cfg.reference_precision == cfg.precision else
+                device_peak_flops(device, DTYPES[cfg.reference_precision], measure_if_unknown=True))
     variants, choice, rows, profile, placement_rows = [], None, [], None, []
 
-    partial = out.with_name(out.name + ".partial")
+    partial = partial_path(out)
 
     def save(complete: bool = False) -> dict:
         """Written after every part to OUT.partial, so a run cut short keeps what it
@@ -243,8 +273,10 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
             "timestamp": timestamp(), "wall_s": round(time.perf_counter() - started, 1),
             "complete": complete, "machine": machine_description(device),
             "peak_flops": {"flops": peak.flops, "source": peak.source, "dtype": cfg.precision},
+            "reference_peak_flops": {"flops": ref_peak.flops, "source": ref_peak.source,
+                                     "dtype": cfg.reference_precision},
             "matmul_rates": matmul_rates,
-            "config": {k: v for k, v in asdict(cfg).items() if k != "notes"},
+            "config": {k: v for k, v in asdict(cfg).items() if k not in ("notes", "overwrite")},
             "teacher_variants": variants, "teacher_choice": choice,
             "rows": rows, "placement_rows": placement_rows, "profile": profile,
             "notes": cfg.notes + _notes(cfg, device, matmul_rates),
@@ -283,7 +315,7 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
         label = f"{SHORT.get(student_arch, student_arch)} + {m} x {SHORT.get(cfg.teacher_arch)}"
         print(f"{label}, data {source}:", flush=True)
         rows.extend(measure_cell(cfg, bank, device, choice, student_arch, m, source,
-                                 fixed_batch, peak))
+                                 fixed_batch, peak, ref_peak))
         save()
 
     # --- 3. where the time goes in one cell
@@ -323,7 +355,7 @@ def _peaks(device: torch.device, dtype: torch.dtype) -> tuple:
 
 def measure_cell(cfg: Config, bank: TeacherBank, device: torch.device, choice: dict,
                  student_arch: str, m: int, source: str, fixed_batch: int | None,
-                 peak) -> list[dict]:
+                 peak, ref_peak) -> list[dict]:
     """One cell of the matrix: dmt's fast step and the reference step on the same data,
     each at the largest micro-batch that fits (auto) or at `fixed_batch`."""
     student_dtype = DTYPES[cfg.precision]  # the engine's: the trainer casts the view to it
@@ -368,7 +400,7 @@ def measure_cell(cfg: Config, bank: TeacherBank, device: torch.device, choice: d
     return [result_row(cfg, student_arch, m, "colocated", source, "fast", batch, fast, peak,
                        {"speedup_vs_reference": speedup, "teacher_path": choice if m else None}),
             result_row(cfg, student_arch, m, "colocated", source, "reference", ref_batch, ref,
-                       peak)]
+                       ref_peak)]
 
 
 def _notes(cfg: Config, device, matmul_rates: dict) -> list[str]:
@@ -380,7 +412,8 @@ def _notes(cfg: Config, device, matmul_rates: dict) -> list[str]:
                      "stream and shows in the other phases. Memory is "
                      "torch.cuda.max_memory_allocated, reset per path.")
     if device.type == "cpu":
-        notes.append("CPU: the peak is a measured fp32 matmul rate, not a data-sheet figure; "
+        notes.append(f"CPU: the peak is a measured {cfg.precision} matmul rate (the reference's "
+                     f"MFU: {cfg.reference_precision}), not a data-sheet figure; "
                      "memory is the peak of allocated host bytes (glibc), which includes the "
                      "interpreter and libraries. CPU timings say nothing about GPU speed.")
         fp32 = matmul_rates.get("fp32", {}).get("gflops", 0)

@@ -129,6 +129,23 @@ def test_models_are_checked_before_anything_is_built(override, message):
     assert message in str(err.value)
 
 
+def test_running_out_of_memory_while_building_a_model_is_not_called_an_unknown_name(
+        monkeypatch):
+    import timm
+
+    from dmt.models.vit import create_vit
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(timm, "create_model", out_of_memory)
+    with pytest.raises(RuntimeError, match="can't allocate memory") as err:
+        create_vit("vit_base_patch16_224", 224)
+    assert not isinstance(err.value, ConfigError)
+    with pytest.raises(ConfigError, match=r"unknown timm architecture 'vit_base_patch15_224' "
+                                          r"\(close: .*vit_base_patch16_224"):
+        create_vit("vit_base_patch15_224", 224)
+
+
 def test_a_teacher_the_run_does_not_use_is_not_checked():
     from dmt.build import check_models
     check_models(load_config(REPO / "configs" / "demo.yaml",

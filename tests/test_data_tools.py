@@ -107,6 +107,21 @@ def test_loader_benchmark_writes_json(tmp_path):
     assert "--backend torch" in saved["command"] and saved["dataset"]["images"] == 24
 
 
+def test_loader_benchmark_keeps_an_earlier_result_unless_told_to_replace_it(tmp_path, capsys):
+    bench = load_script("benchmarks/dataloader.py")
+    out = tmp_path / "torch.json"
+    out.write_text('{"benchmark": "dataloader", "date": "2026-01-02T03:04:05"}')
+    args = ["--backend", "torch", "--num-images", "8", "--image-side", "48", "--batch-size", "4",
+            "--image-size", "32", "--num-workers", "0", "--warmup", "0", "--batches", "1",
+            "--out", str(out)]
+    with pytest.raises(SystemExit, match=rf"{out} holds an earlier run's results "
+                                         r"\(2026-01-02T03:04:05\): pass --overwrite"):
+        bench.main(args)
+    assert json.loads(out.read_text())["date"] == "2026-01-02T03:04:05"
+    result = bench.main(args + ["--overwrite"])
+    assert json.loads(out.read_text())["date"] == result["date"] != "2026-01-02T03:04:05"
+
+
 def test_loader_benchmark_needs_cuda_for_gpu_decoding(tmp_path, capsys):
     import torch
     if torch.cuda.is_available():

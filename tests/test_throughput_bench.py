@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -265,6 +266,7 @@ def test_merge_keeps_every_cell_and_the_later_part_wins():
     (["--variants-from", "x.json", "--teacher-variants", "3"],
      "--variants-from takes the teacher variants of an earlier run: pass --teacher-variants ''"),
     (["--variants-from", "nope.json", "--teacher-variants", ""], "--variants-from: no such file"),
+    (["--device", "gpu"], "--device gpu: expected cpu, cuda or cuda:N"),
 ])
 def test_benchmark_flags_are_refused_before_anything_is_measured(flags, message, capsys):
     # A typo must not surface after a twenty-minute matrix: parse_args refuses it (usage
@@ -336,3 +338,150 @@ def test_report_handles_partial_foreign_and_damaged_files(tmp_path):
     fastest = max(rows["dedicated"]["images_per_s"] / rows["dedicated"]["student_ranks"],
                   rows["colocated"]["images_per_s"] / rows["colocated"]["student_ranks"])
     assert f"a student rank at {fastest:.0f} img/s" in "\n".join(placement_section(committed))
+
+
+def test_a_rerun_keeps_earlier_and_interrupted_results_unless_told_to_replace_them(tmp_path):
+    out = tmp_path / "bench.json"
+    partial = tmp_path / "bench.json.partial"
+    cmd = [sys.executable, "benchmarks/throughput.py", "--preset", "cpu", "--device", "cpu",
+           "--out", str(out)]
+    partial.write_text(json.dumps({"rows": [{}, {}, {}], "timestamp": "2026-01-02T03:04:05"}))
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+        f"{partial} holds an interrupted run's results (3 rows, 2026-01-02T03:04:05): pass "
+        "--overwrite to replace them, or --out another path"]
+    out.write_text("{not json")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert f"{out} holds an earlier run's results (unreadable)" in proc.stderr
+    assert out.read_text() == "{not json" and json.loads(partial.read_text())["rows"] == [{}, {}, {}]
+
+
+@pytest.mark.timeout(300)
+def test_each_path_s_mfu_is_taken_against_the_peak_of_its_own_precision(tmp_path):
+    # A bf16 fast path against an fp32 reference: on a CPU their matmul peaks differ by
+    # an order of magnitude, and the reference's MFU once used the bf16 one (2004 %).
+    out = tmp_path / "mixed.json"
+    cmd = [sys.executable, "benchmarks/throughput.py", "--preset", "cpu", "--device", "cpu",
+           "--students", "T", "--teacher-arch", "T", "--teacher-counts", "1", "--img-size",
+           "32", "--micro-batch", "2", "--steps", "1", "--warmup", "1", "--precision", "bf16",
+           "--reference-precision", "fp32", "--teacher-variants", "", "--data", "synthetic",
+           "--data-probe", "", "--dedicated", "", "--profile", "", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    peaks = {"fast": result["peak_flops"], "reference": result["reference_peak_flops"]}
+    assert (peaks["fast"]["dtype"], peaks["reference"]["dtype"]) == ("bf16", "fp32")
+    assert "fp32 matmul" in peaks["reference"]["source"]
+    assert "bf16 matmul" in peaks["fast"]["source"]
+    for row in result["rows"]:
+        peak = peaks[row["path"]]["flops"]
+        assert row["peak_tflops"] * 1e12 == pytest.approx(peak)
+        assert row["mfu"] == pytest.approx(row["achieved_tflops"] * 1e12 / peak)
+
+
+def test_a_cuda_device_without_cuda_is_a_usage_error(capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    sys.path.insert(0, str(REPO))
+    from benchmarks.throughput import parse_args
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--preset", "cpu", "--device", "cuda:1"])
+    assert stop.value.code == 2
+    assert "--device cuda:1: CUDA is not available on this machine" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_says_where_the_measured_cells_are_without_a_traceback(tmp_path):
+    import signal
+    out = tmp_path / "cut.json"
+    cmd = [sys.executable, "benchmarks/throughput.py", "--preset", "cpu", "--device", "cpu",
+           "--students", "T", "--teacher-arch", "T", "--teacher-counts", "0,1,2,3",
+           "--img-size", "32", "--micro-batch", "2", "--steps", "3", "--warmup", "1",
+           "--teacher-variants", "", "--data", "synthetic", "--data-probe", "",
+           "--dedicated", "", "--profile", "", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    partial = tmp_path / "cut.json.partial"
+    for line in proc.stdout:  # the first cell is measured ...
+        if "img/s" in line:
+            break
+    for _ in range(600):  # ... and saved
+        if partial.exists() and json.loads(partial.read_text())["rows"]:
+            break
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f'interrupted; what was measured is in {partial} ("complete": false)'), err[-3000:]
+    assert "Traceback" not in err
+    kept = json.loads(partial.read_text())
+    assert kept["complete"] is False and kept["rows"] and not out.exists()
+
+
+def test_the_teacher_bank_keeps_its_weights_off_the_measured_heap():
+    # CPU memory is the heap's peak: the bank's own copies of every teacher it built must
+    # not count in later cells, while each path's copies must.
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from benchmarks.common import _live_heap_reader
+    from benchmarks.steps import TeacherBank
+    from dmt.models import create_encoder
+    read = _live_heap_reader()
+    if read is None:
+        pytest.skip("no glibc mallinfo2 on this system: the heap cannot be read")
+    arch = "vit_tiny_patch16_224"
+    torch.manual_seed(1)
+    second = create_encoder(arch, 32).eval()
+    teacher_bytes = sum(t.numel() * t.element_size() for t in second.state_dict().values())
+    bank = TeacherBank(arch, 32)
+    before = read()
+    bank.grow(3)
+    assert read() - before < 0.05 * teacher_bytes
+    before = read()
+    copies = bank.reference(2, torch.device("cpu"))
+    assert read() - before == pytest.approx(2 * teacher_bytes, rel=0.1)
+    for name, value in second.state_dict().items():  # the same seeded teachers as before
+        assert torch.equal(copies[1].state_dict()[name], value), name
+    copies[0].blocks[0].attn.qkv.weight.data.add_(1.0)  # a path's copy is its own
+    assert not torch.equal(copies[0].blocks[0].attn.qkv.weight,
+                           bank.encoders[0].blocks[0].attn.qkv.weight)
+
+
+def test_a_variant_s_first_call_is_the_call_it_times_as_first(monkeypatch):
+    # "first call s" is the compile-and-warm-up cost: it must time the variant's very
+    # first call, not a second one made after the targets were computed untimed.
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from benchmarks import teacher_variants as tv
+    from benchmarks.steps import TeacherBank
+    from benchmarks.throughput import parse_args
+    cfg = parse_args(["--preset", "cpu", "--teacher-arch", "T", "--img-size", "32",
+                      "--teacher-variants", "1", "--variant-compile", "off"])
+    clock = {"now": 0.0}
+
+    def perf_counter():  # a clock only the variants' calls move (and every reading, a bit)
+        clock["now"] += 1e-6
+        return clock["now"]
+    monkeypatch.setattr(tv.time, "perf_counter", perf_counter)
+    real_fast = TeacherBank.fast
+
+    def fast_with_slow_first_call(self, *args, **kwargs):
+        teachers, calls = real_fast(self, *args, **kwargs), []
+
+        def run(images):
+            calls.append(1)
+            clock["now"] += 7.0 if len(calls) == 1 else 0.001  # the first call "compiles"
+            return teachers(images)
+        return run
+    monkeypatch.setattr(TeacherBank, "fast", fast_with_slow_first_call)
+    rows = tv.teacher_variants(cfg, TeacherBank(cfg.teacher_arch, cfg.img_size),
+                               torch.device("cpu"), batch=2)
+    fast_rows = [r for r in rows if r.get("mode") in ("loop", "stacked") and "ms" in r]
+    assert fast_rows and all(r["first_call_s"] == pytest.approx(7.0, abs=1e-3)
+                             for r in fast_rows), rows

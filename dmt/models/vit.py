@@ -1,6 +1,8 @@
 """The one way dmt makes a timm Vision Transformer (student backbone or teacher encoder)."""
 from __future__ import annotations
 
+import difflib
+
 import timm
 from torch import nn
 
@@ -27,11 +29,13 @@ def tiling_error(model: nn.Module, arch: str, img_size: int, size_key: str = "im
 def create_vit(arch: str, img_size: int = 224, check_tiling: bool = True, **kwargs) -> nn.Module:
     """timm.create_model(arch) without classifier, at img_size; one ConfigError for an
     unknown name, a model that is no ViT, or (check_tiling) patches that do not tile."""
+    if not timm.is_model(arch):  # (asked first: building one may fail otherwise, e.g. OOM)
+        close = difflib.get_close_matches(arch.split(".")[0], timm.list_models(), n=3)
+        raise ConfigError(f"unknown timm architecture '{arch}'"
+                          + (f" (close: {', '.join(close)})" if close else ""))
     try:
         model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size,
                                   **kwargs)
-    except RuntimeError as err:  # timm: "Unknown model (...)"
-        raise ConfigError(f"unknown timm architecture '{arch}': {err}") from err
     except TypeError as err:  # a CNN, say: no img_size / drop_path_rate arguments
         raise ConfigError(f"timm architecture '{arch}' is not a Vision Transformer dmt can "
                           f"use ({err})") from err
