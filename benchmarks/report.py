@@ -4,17 +4,19 @@
     python benchmarks/report.py benchmarks/results/throughput_gpu_cuda.json
     python benchmarks/report.py --merge benchmarks/results/throughput_gpu_cuda.json part*.json
 
-Writes benchmarks/results/cost_vs_teachers_<preset>_<device>.md and .png next to the
-JSON: images/s and peak memory against the number of teachers, per student size, for the
-fast path and the reference step; the teacher-variant evidence; the placement comparison
-with when a dedicated teacher rank pays off; and, for GPU results, the issue's targets.
-A run cut short (complete: false, e.g. a .json.partial) reports to
-cost_vs_teachers_<preset>_<device>.partial.md/.png, beside the last complete report.
+Writes cost_vs_teachers_<name>.md and .png next to each throughput_<name>.json (one
+report per result file: runs that share a preset and device, e.g. with the student
+compiled or not, keep their own): images/s and peak memory against the number of
+teachers, per student size, for the fast path and the reference step; the teacher-variant
+evidence; the placement comparison with when a dedicated teacher rank pays off; and, for
+GPU results, the issue's targets. A run cut short (complete: false, e.g. a .json.partial)
+reports to cost_vs_teachers_<name>.partial.md/.png, beside the last complete report.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -31,39 +33,150 @@ def _fmt(x, digits=1, pct=False):
     return f"{100 * x:.{digits}f}%" if pct else f"{x:,.{digits}f}"
 
 
+def _ratio(x) -> str:
+    return "—" if x is None else f"{x:.2f}x"
+
+
+def _main_data(result: dict) -> str:
+    return result["config"]["data"][0] if result["config"]["data"] else "synthetic"
+
+
 def _main_rows(result: dict) -> list[dict]:
-    data = result["config"]["data"][0] if result["config"]["data"] else "synthetic"
+    data = _main_data(result)
     return [r for r in result["rows"] if r["data"] == data and r["placement"] == "colocated"]
+
+
+def _no_rows(result: dict) -> str:
+    """Why the cost table and the plot are empty."""
+    if not result["rows"]:
+        return "no rows measured"
+    return f"no colocated rows on {_main_data(result)} data"
+
+
+def teacher_path_label(path: dict | None) -> str:
+    """A fast row's teacher path in a few words: `loop`, `stacked +compile`, `loop +fp8`."""
+    if not path:
+        return "—"
+    compile_ = path.get("compile")
+    return " ".join([str(path.get("mode"))] + (["+compile"] if compile_ is True else [])
+                    + ([f"+compile {compile_}"] if isinstance(compile_, str) else [])
+                    + (["+fp8"] if path.get("fp8") else []))
+
+
+def mfu_peak_tflops(row: dict) -> float | None:
+    """The peak a row's MFU was computed against (achieved / MFU): the rows of a merged
+    result come from parts that may have measured different peaks (a timed matmul on CPU)."""
+    if row.get("mfu") and row.get("achieved_tflops"):
+        return row["achieved_tflops"] / row["mfu"]
+    return None
+
+
+def _fast_with_teachers(result: dict) -> list[dict]:
+    return [r for r in _main_rows(result) if r["path"] == "fast" and r["teachers"] > 0]
+
+
+def row_teacher_paths(result: dict) -> list[str]:
+    """The distinct teacher paths of the fast rows with teachers, as labels."""
+    return list(dict.fromkeys(teacher_path_label(r.get("teacher_path"))
+                              for r in _fast_with_teachers(result)))
+
+
+def mfu_peaks(result: dict) -> list[float]:
+    """The distinct peaks (TFLOP/s) in the result: the one its header states, then those
+    its fast rows' MFU were computed against. More than one only in a merged result."""
+    stated = result["peak_flops"]["flops"]
+    peaks = [stated / 1e12] if stated else []
+    for row in _main_rows(result):
+        p = mfu_peak_tflops(row) if row["path"] == "fast" else None
+        if p is not None and not any(math.isclose(p, q, rel_tol=1e-6) for q in peaks):
+            peaks.append(p)
+    return peaks
+
+
+def mixed_provenance(result: dict) -> list[str]:
+    """What the rows of one table do not share (parts of a merge): said in the header and
+    the plot, and shown per row in the table."""
+    mixed = []
+    if len(row_teacher_paths(result)) > 1:
+        mixed.append("mixed teacher paths")
+    if len(mfu_peaks(result)) > 1:
+        mixed.append("mixed MFU peaks")
+    return mixed
+
+
+def run_settings(result: dict) -> str:
+    """What tells apart runs of one preset on one device: precision, student compilation,
+    the teachers' path (FP8 included)."""
+    cfg = result["config"]
+    paths = row_teacher_paths(result) or [teacher_path_label(result.get("teacher_choice"))]
+    teachers = paths[0] if len(paths) == 1 else "mixed"
+    return (f"{cfg['precision']}, student {'compiled' if cfg.get('compile_student') else 'eager'}, "
+            f"teachers {teachers}")
 
 
 def cost_table(result: dict) -> list[str]:
     rows = _main_rows(result)
-    lines = ["| student | teachers | fast img/s | reference img/s | speed-up | fast step ms "
-             "| teacher share | cost / image vs 0 teachers | fast mem GiB | ref mem GiB | MFU |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    students = list(dict.fromkeys(r["student_short"] for r in rows))
-    for s in students:
+    if not rows:
+        return [f"({_no_rows(result)}" + ("; the rows this run measured are in the step-time "
+                                          "breakdown below)" if result["rows"] else ")")]
+    show_peak = len(mfu_peaks(result)) > 1  # merged parts measured their own peak
+    lines = ["| student | teachers | teacher path | fast img/s | reference img/s | speed-up "
+             "| fast step ms | teacher share | cost / image vs 0 teachers "
+             "| img/s lost per added teacher | fast mem GiB | ref mem GiB | MFU |"
+             + (" MFU peak TFLOP/s |" if show_peak else ""),
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+             + ("---:|" if show_peak else "")]
+    for s in dict.fromkeys(r["student_short"] for r in rows):
         fast = {r["teachers"]: r for r in rows if r["student_short"] == s and r["path"] == "fast"}
         ref = {r["teachers"]: r for r in rows if r["student_short"] == s
                and r["path"] == "reference"}
-        base = fast.get(0)
+        base, previous = fast.get(0), None
         for m in sorted(fast):
             f, r = fast[m], ref.get(m)
             b = f["breakdown_ms"]
             share = b.get("teacher", 0) / f["step_ms"] if f["step_ms"] else None
             cost = base["images_per_s"] / f["images_per_s"] if base else None
+            # Per teacher added since the previous measured count (0,3 -> the mean of three).
+            lost = ((previous["images_per_s"] - f["images_per_s"]) / (m - previous["teachers"])
+                    if previous else None)
+            previous = f
             lines.append(
-                f"| {s} | {m} | {_fmt(f['images_per_s'])} | "
-                f"{_fmt(r['images_per_s']) if r else 'n/a'} | "
-                f"{_fmt(f.get('speedup_vs_reference'), 2)}x | {_fmt(f['step_ms'])} | "
-                f"{_fmt(share, 0, pct=True)} | {_fmt(cost, 2)}x | "
-                f"{_fmt(f['peak_memory_gib'], 2)} | "
+                f"| {s} | {m} | {teacher_path_label(f.get('teacher_path'))} | "
+                f"{_fmt(f['images_per_s'])} | {_fmt(r['images_per_s']) if r else 'n/a'} | "
+                f"{_ratio(f.get('speedup_vs_reference'))} | {_fmt(f['step_ms'])} | "
+                f"{_fmt(share, 0, pct=True)} | {_ratio(cost)} | "
+                f"{'—' if lost is None else _fmt(lost)} | {_fmt(f['peak_memory_gib'], 2)} | "
                 f"{_fmt(r['peak_memory_gib'], 2) if r else 'n/a'} | "
-                f"{_fmt(f.get('mfu'), 1, pct=True)} |")
+                f"{_fmt(f.get('mfu'), 1, pct=True)} |"
+                + (f" {_fmt(mfu_peak_tflops(f), 3)} |" if show_peak else ""))
     return lines
 
 
+def cost_notes(result: dict) -> list[str]:
+    rows = _main_rows(result)
+    if not rows:
+        return []
+    notes = ["Teacher path = the fast step's teachers (the reference step runs timm's, at "
+             "the reference precision). Teacher share = teacher-pass time / step time (fast "
+             "path). Cost / image = time per image relative to the student alone. Img/s lost "
+             "per added teacher = the fast path's images/s at the previous measured teacher "
+             "count minus this row's, divided by the teachers added. Memory: "
+             + next((r.get("memory_kind", "") for r in rows), "") + "."]
+    students = dict.fromkeys(r["student_short"] for r in rows if r["path"] == "fast")
+    no_base = [s for s in students if not any(r["student_short"] == s and r["teachers"] == 0
+                                              and r["path"] == "fast" for r in rows)]
+    if no_base:
+        notes.append(f"No 0-teacher row for {', '.join(no_base)} in this result, so no cost "
+                     "relative to the student alone (—).")
+    if "mixed MFU peaks" in mixed_provenance(result):
+        notes.append("The merged parts measured different peaks: each row's MFU is against "
+                      "its own part's peak (MFU peak column).")
+    return notes
+
+
 def breakdown_table(result: dict) -> list[str]:
+    if not result["rows"]:
+        return ["(no rows measured)"]
     lines = ["| student | teachers | data | path | batch | data ms | teacher ms | student fwd+bwd ms "
              "| optimizer ms | other ms | step ms | img/s |",
              "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -94,15 +207,15 @@ def variants_table(result: dict) -> list[str]:
             ratio = ref["ms"] / v["ms"] if ref else None
             kl = f"{v['target_kl']:.1e}" if "target_kl" in v else ""
             lines.append(f"| {m} | {v['variant']} | {v['micro_batch']} | {v['ms']:.1f} | "
-                         f"{v['images_per_s']:.1f} | {_fmt(ratio, 2)}x | "
+                         f"{v['images_per_s']:.1f} | {_ratio(ratio)} | "
                          f"{v['first_call_s']:.1f} | {kl} |")
     choice = result.get("teacher_choice") or {}
     lines.append("")
     lines.append(f"Chosen for the matrix: mode `{choice.get('mode')}`, compile "
                  f"`{choice.get('compile')}`, fp8 `{choice.get('fp8', False)}` "
                  f"({choice.get('why')})."
-                 + (" Merged result: each row's own teacher path is its `teacher_path` in the "
-                    "JSON." if result.get("parts") else ""))
+                 + (" Merged result: each row's own teacher path is in the cost table."
+                    if result.get("parts") else ""))
     return lines
 
 
@@ -169,7 +282,8 @@ def targets_section(result: dict) -> list[str]:
             f"{'met' if mfu_ok else 'NOT met'}",
             f"- speed-up {_fmt(r.get('speedup_vs_reference'), 2)}x (target >= "
             f"{TARGET_SPEEDUP}x): {'met' if sp_ok else 'NOT met'}",
-            f"- micro-batch {r['micro_batch']}, step breakdown {r['breakdown_ms']} ms"]
+            f"- micro-batch {r['micro_batch']}, teacher path "
+            f"{teacher_path_label(r.get('teacher_path'))}, step breakdown {r['breakdown_ms']} ms"]
 
 
 def profile_section(result: dict) -> list[str]:
@@ -212,8 +326,8 @@ def plot(result: dict, path: Path) -> None:
             label = f"{s} {path_name}"
             ax1.plot(xs, ips, style, color=colors[i % len(colors)], label=label)
             ax2.plot(xs, mem, style, color=colors[i % len(colors)], label=label)
-    teacher = rows[0]["teacher_arch"] if rows else ""
-    kind = rows[0]["memory_kind"] if rows else ""
+    teacher = result["config"]["teacher_arch"]
+    kind = rows[0].get("memory_kind", "") if rows else ""
     memory_unit = "GiB, CUDA allocated" if "cuda" in kind else "GiB, host allocated"
     for ax, title, unit in ((ax1, "throughput", "images / s"),
                             (ax2, "peak memory", memory_unit)):
@@ -222,15 +336,52 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(title)
         ax.set_xticks(sorted({r["teachers"] for r in rows}))
         ax.grid(alpha=0.3)
-    ax1.set_yscale("log")
-    ax1.legend(fontsize=8)
+        if not rows:
+            ax.text(0.5, 0.5, _no_rows(result), ha="center", va="center",
+                    transform=ax.transAxes)
+    if rows:
+        ax1.set_yscale("log")
+        ax1.legend(fontsize=8)
     m = result["machine"]
+    marks = (["INCOMPLETE RUN"] if not result.get("complete", True) else []) + \
+        mixed_provenance(result)
     fig.suptitle(f"DMT cost vs teachers - {m.get('gpu') or m.get('cpu')} - "
-                 f"{result['config']['img_size']} px, {result['config']['precision']}",
+                 f"{result['config']['img_size']} px, {run_settings(result)}"
+                 + (f"\n{', '.join(marks).upper()} (see the report)" if marks else ""),
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# What a report reads from a result: a file that lacks one is refused, naming the field.
+REQUIRED = {"": ("preset", "command", "timestamp", "wall_s", "machine", "config", "peak_flops",
+                 "rows"),
+            "machine": ("device_type",),
+            "config": ("img_size", "teacher_arch", "precision", "reference_precision",
+                       "zero_stage", "micro_batch", "steps", "warmup", "data"),
+            "peak_flops": ("flops", "source")}
+ROW_FIELDS = ("student", "student_short", "teachers", "placement", "data", "path",
+              "micro_batch", "images_per_s", "step_ms", "breakdown_ms", "peak_memory_gib")
+
+
+def missing_field(result: dict) -> str | None:
+    """The first field the report needs that `result` lacks, e.g. 'config.img_size'."""
+    for section, fields in REQUIRED.items():
+        where = result[section] if section else result
+        if not isinstance(where, dict):
+            return f"{section} (not an object)"
+        for name in fields:
+            if name not in where:
+                return f"{section}.{name}" if section else name
+    if not isinstance(result["rows"], list):
+        return "rows (not a list)"
+    for i, row in enumerate(result["rows"]):
+        if not isinstance(row, dict):
+            return f"rows[{i}] (not an object)"
+        if lacking := [f for f in ROW_FIELDS if f not in row]:
+            return f"rows[{i}].{lacking[0]}"
+    return None
 
 
 class NotThroughput(Exception):
@@ -254,26 +405,57 @@ def load_result(path: Path | str) -> dict:
         kind = result.get("benchmark") if isinstance(result, dict) else None
         raise NotThroughput(f"{path}: not a benchmarks/throughput.py result"
                             + (f" (a {kind} result)" if kind else ""))
+    if missing := missing_field(result):
+        sys.exit(f"{path}: not a complete throughput result: field {missing} is missing")
     return result
 
 
-def write_report(json_path: Path) -> tuple[Path, Path]:
-    result = load_result(json_path)
-    device = result["machine"]["device_type"]
-    # An incomplete run reports beside the last complete one, never over it.
-    stem = (f"cost_vs_teachers_{result['preset']}_{device}"
-            + ("" if result.get("complete", True) else ".partial"))
-    out_dir = Path(json_path).parent
-    png, md = out_dir / f"{stem}.png", out_dir / f"{stem}.md"
+def report_path(json_path: Path, result: dict) -> Path:
+    """cost_vs_teachers_<name>.md beside throughput_<name>.json: one report per result
+    file. A run cut short reports to <...>.partial.md, beside the last complete report."""
+    name = json_path.name
+    partial = name.endswith(".partial") or not result.get("complete", True)
+    name = name.removesuffix(".partial").removesuffix(".json").removeprefix("throughput_")
+    return json_path.parent / f"cost_vs_teachers_{name}{'.partial' if partial else ''}.md"
+
+
+def settings_line(result: dict) -> str:
+    cfg, choice = result["config"], result.get("teacher_choice") or {}
+    paths = row_teacher_paths(result)
+    if len(paths) > 1:
+        teachers = f"**differs per row** ({'; '.join(paths)}): see the cost table"
+    else:
+        teachers = (f"{paths[0] if paths else teacher_path_label(choice)}: "
+                    f"{choice.get('why', 'no teacher rows')}")
+    return (f"- settings: student compiled {'on' if cfg.get('compile_student') else 'off'}, "
+            f"teacher FP8 {'on' if cfg.get('teacher_fp8') else 'off'}, teacher path "
+            f"{teachers}; asked for teacher mode {cfg.get('teacher_mode', 'auto')}, teacher "
+            f"compile {cfg.get('teacher_compile', 'auto')}")
+
+
+def peak_line(result: dict) -> str:
+    stated = (f"{result['peak_flops']['source']} = "
+              f"{(result['peak_flops']['flops'] or 0) / 1e12:.3f} TFLOP/s")
+    if len(mfu_peaks(result)) > 1:
+        return (f"- peak for MFU: **differs per row** (each merged part measured its own; the "
+                f"first part's: {stated}): see the cost table's MFU peak column")
+    return f"- peak for MFU: {stated}"
+
+
+def write_report(result: dict, md: Path) -> tuple[Path, Path]:
+    png = md.with_suffix(".png")
     plot(result, png)
     m, cfg = result["machine"], result["config"]
-    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    device = m["device_type"]
+    versions = ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v)
+    incomplete = "" if result.get("complete", True) else " — INCOMPLETE RUN"
     lines = [
-        f"# DMT cost versus number of teachers ({result['preset']} preset, {device})", "",
-        f"- machine: {m.get('gpu') or m['cpu']}"
+        f"# DMT cost versus number of teachers ({result['preset']} preset, {device}; "
+        f"{run_settings(result)}){incomplete}", "",
+        f"- machine: {m.get('gpu') or m.get('cpu')}"
         + (f" ({m.get('gpu_memory_gib')} GiB)" if m.get("gpu") else
-           f", {m['cpu_cores']} cores, {m.get('memory_gib')} GiB, torch threads "
-           f"{cfg.get('threads') or m['torch_threads']}, load average at start "
+           f", {m.get('cpu_cores')} cores, {m.get('memory_gib')} GiB, torch threads "
+           f"{cfg.get('threads') or m.get('torch_threads')}, load average at start "
            f"{m.get('load_average_at_start')}"),
         f"- software: {versions}",
         f"- command: `{result['command']}` ({result['timestamp']}, {result['wall_s']} s)"
@@ -286,18 +468,16 @@ def write_report(json_path: Path) -> tuple[Path, Path]:
         f"{' autocast' if cfg['reference_precision'] != 'fp32' else ''}), ZeRO stage "
         f"{cfg['zero_stage']}, micro-batch {cfg['micro_batch']}, {cfg['steps']} measured steps "
         f"after {cfg['warmup']}",
-        f"- peak for MFU: {result['peak_flops']['source']} = "
-        f"{(result['peak_flops']['flops'] or 0) / 1e12:.3f} TFLOP/s",
+        settings_line(result),
+        peak_line(result),
     ]
     if result.get("matmul_rates"):
         lines.append("- matmul rates (GFLOP/s, 512x512): " + ", ".join(
             f"{k} {v['gflops']}" for k, v in result["matmul_rates"].items()))
     lines += ["", f"![cost vs teachers]({png.name})", "",
               "## Cost versus number of teachers", ""] + cost_table(result)
-    kind = next((r["memory_kind"] for r in result["rows"]), "")
-    lines += ["", "Teacher share = teacher-pass time / step time (fast path). Cost / image = "
-                  "time per image relative to the student alone. Memory: " + kind + ".", "",
-              "## Teacher execution variants (teacher pass + fusion only)", ""]
+    lines += [x for note in cost_notes(result) for x in ("", note)]
+    lines += ["", "## Teacher execution variants (teacher pass + fusion only)", ""]
     lines += variants_table(result)
     lines += ["", "## Placements on the same hardware", ""] + placement_section(result)
     lines += ["", "## Targets", ""] + targets_section(result)
@@ -361,6 +541,7 @@ def merge_results(parts: list[dict]) -> dict:
     merged["wall_s"] = round(sum(p["wall_s"] for p in parts), 1)
     merged["command"] = " && ".join(p["command"] for p in parts)
     merged["parts"] = [{**{k: p[k] for k in ("command", "timestamp", "wall_s", "config")},
+                        "peak_flops": p.get("peak_flops"),
                         "versions": p["machine"].get("versions"),
                         "git_commit": p["machine"].get("git_commit")} for p in parts]
     return merged
@@ -381,9 +562,7 @@ def main(argv=None) -> list[Path]:
             merged = merge_results([load_result(x) for x in a.results])
         except NotThroughput as err:
             sys.exit(f"cannot merge {err}")
-        tmp = Path(a.merge + ".tmp")
-        tmp.write_text(json.dumps(merged, indent=2) + "\n")
-        tmp.replace(a.merge)  # never a half-written result
+        write_merged(merged, Path(a.merge))
         print(f"merged {len(a.results)} result(s) into {a.merge}")
         a.results = [a.merge]
     # By default every result in benchmarks/results/, and the rows of runs cut short.
@@ -391,13 +570,24 @@ def main(argv=None) -> list[Path]:
         [*RESULTS.glob("throughput_*.json"), *RESULTS.glob("throughput_*.json.partial")])
     if not paths:
         sys.exit(f"no throughput results in {RESULTS}: run benchmarks/throughput.py first")
-    written, skipped = [], []
+    reports, skipped = {}, []  # report -> (result file, result), before anything is written
     for path in paths:
         try:
-            md, png = write_report(path)
+            result = load_result(path)
         except NotThroughput as err:  # e.g. results/*.json, which holds dataloader results
             skipped.append(str(err))
             continue
+        md = report_path(path, result)
+        earlier = reports.get(md.resolve())
+        if earlier and earlier[0].resolve() == path.resolve():
+            continue  # the same file given twice
+        if earlier:
+            sys.exit(f"{earlier[0]} and {path} would both write {md}: rename one of them (a "
+                     "report is named after its result file)")
+        reports[md.resolve()] = (path, result, md)
+    written = []
+    for _, result, md in reports.values():
+        md, png = write_report(result, md)
         print(f"wrote {md} and {png}")
         written += [md, png]
     for reason in skipped:
@@ -405,6 +595,17 @@ def main(argv=None) -> list[Path]:
     if not written:
         sys.exit("no throughput results among the files given")
     return written
+
+
+def write_merged(merged: dict, out: Path) -> None:
+    """OUT.json whole or not at all; its folder is made, as throughput.py's --out does."""
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(merged, indent=2) + "\n")
+        tmp.replace(out)  # never a half-written result
+    except OSError as err:
+        sys.exit(f"--merge {out}: cannot write it ({err.strerror or err})")
 
 
 if __name__ == "__main__":

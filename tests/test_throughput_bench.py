@@ -77,10 +77,10 @@ def test_benchmark_and_report_end_to_end(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/report.py", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    md = (tmp_path / "cost_vs_teachers_cpu_cpu.md").read_text()
+    md = (tmp_path / "cost_vs_teachers_tiny_cpu.md").read_text()  # named after its JSON
     assert "| ViT-T | 2 |" in md and "Teacher execution variants" in md
     assert "## Where the time goes" in md and "| matmul |" in md
-    png = tmp_path / "cost_vs_teachers_cpu_cpu.png"
+    png = tmp_path / "cost_vs_teachers_tiny_cpu.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -485,3 +485,194 @@ def test_a_variant_s_first_call_is_the_call_it_times_as_first(monkeypatch):
     fast_rows = [r for r in rows if r.get("mode") in ("loop", "stacked") and "ms" in r]
     assert fast_rows and all(r["first_call_s"] == pytest.approx(7.0, abs=1e-3)
                              for r in fast_rows), rows
+
+
+def _committed(name="throughput_cpu_cpu.json") -> dict:
+    return json.loads((REPO / "benchmarks/results" / name).read_text())
+
+
+def _write(path: Path, result: dict) -> Path:
+    path.write_text(json.dumps(result))
+    return path
+
+
+def _cost_table(md: str) -> dict:
+    """The report's cost table: {(student, teachers): {column: cell}}."""
+    section = md.split("## Cost versus number of teachers")[1].split("\n## ")[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    rows = [dict(zip(cells[0], row)) for row in cells[2:]]
+    return {(r["student"], int(r["teachers"])): r for r in rows}
+
+
+def _plot_titles(monkeypatch) -> list[str]:
+    """Every plot title the report draws, in order."""
+    from matplotlib.figure import Figure
+    titles, suptitle = [], Figure.suptitle
+
+    def record(self, title, **kwargs):
+        titles.append(title)
+        return suptitle(self, title, **kwargs)
+    monkeypatch.setattr(Figure, "suptitle", record)
+    return titles
+
+
+def test_each_result_file_gets_its_own_report(tmp_path, monkeypatch):
+    """Runs of one preset on one device (student compiled or not, FP8 teachers) each keep
+    their report: it is named after the result file, and its header says the settings."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks import report
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    committed = _committed()
+    compiled = _committed("throughput_cpu_cpu_student_compile_on.json")  # ViT-S rows only
+    fp8 = {**committed, "config": {**committed["config"], "teacher_fp8": True},
+           "rows": [{**r, "teacher_path": {**r["teacher_path"], "fp8": True}}
+                    if r.get("teacher_path") else r for r in committed["rows"]]}
+    _write(tmp_path / "throughput_cpu_cpu.json", committed)
+    _write(tmp_path / "throughput_cpu_cpu_student_compile_on.json", compiled)
+    _write(tmp_path / "throughput_cpu_cpu_fp8.json", fp8)
+    report.main([])  # every throughput_*.json in the results folder
+    plain = (tmp_path / "cost_vs_teachers_cpu_cpu.md").read_text()
+    on = (tmp_path / "cost_vs_teachers_cpu_cpu_student_compile_on.md").read_text()
+    with_fp8 = (tmp_path / "cost_vs_teachers_cpu_cpu_fp8.md").read_text()
+    assert ("ViT-T", 3) in _cost_table(plain)  # not replaced by the ViT-S-only run
+    assert set(_cost_table(on)) == {("ViT-S", 0), ("ViT-S", 3)}
+    assert "student eager" in plain.splitlines()[0] and "student compiled" in on.splitlines()[0]
+    assert "- settings: student compiled off, teacher FP8 off, teacher path loop" in plain
+    assert "- settings: student compiled on, teacher FP8 off" in on
+    assert "- settings: student compiled off, teacher FP8 on, teacher path loop +fp8" in with_fp8
+    assert _cost_table(with_fp8)[("ViT-T", 2)]["teacher path"] == "loop +fp8"
+    for name in ("cpu_cpu", "cpu_cpu_student_compile_on", "cpu_cpu_fp8"):
+        assert (tmp_path / f"cost_vs_teachers_{name}.png").is_file()
+
+
+def test_two_results_that_would_share_a_report_are_refused(tmp_path):
+    sys.path.insert(0, str(REPO))
+    from benchmarks.report import main
+    committed = _committed()
+    a = _write(tmp_path / "throughput_x.json", committed)
+    b = _write(tmp_path / "x.json", committed)
+    with pytest.raises(SystemExit, match=r"throughput_x.json and .*/x.json would both write "
+                                         r".*cost_vs_teachers_x.md: rename one"):
+        main([str(a), str(b)])
+    assert not list(tmp_path.glob("cost_vs_teachers_*"))  # refused before writing anything
+    # A run cut short in each: both would report to cost_vs_teachers_y.partial.md.
+    cut = {**committed, "complete": False}
+    c = _write(tmp_path / "throughput_y.json", cut)
+    d = _write(tmp_path / "throughput_y.json.partial", cut)
+    with pytest.raises(SystemExit, match="would both write .*cost_vs_teachers_y.partial.md"):
+        main([str(c), str(d)])
+    # The same file twice is one report.
+    assert main([str(a), str(a)]) == [tmp_path / "cost_vs_teachers_x.md",
+                                      tmp_path / "cost_vs_teachers_x.png"]
+
+
+def test_merged_report_says_each_rows_teacher_path_and_peak(tmp_path, monkeypatch):
+    """A later part's ViT-T + 3, measured stacked and compiled against a peak of its own,
+    among an earlier part's loop rows: the table says which row is which."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.report import main
+    titles = _plot_titles(monkeypatch)
+    committed = _committed()
+    stacked = {"mode": "stacked", "compile": True, "fp8": False, "why": "forced"}
+    half = committed["peak_flops"]["flops"] / 2  # the later part measured half the peak
+    cell = [{**r, "teacher_path": stacked if r["path"] == "fast" else None, "mfu": 2 * r["mfu"]}
+            for r in committed["rows"] if (r["student_short"], r["teachers"]) == ("ViT-T", 3)]
+    later = {**committed, "rows": cell, "teacher_choice": stacked,
+             "peak_flops": {**committed["peak_flops"], "flops": half}}
+    main(["--merge", str(tmp_path / "throughput_merged.json"),
+          str(_write(tmp_path / "a.json", committed)), str(_write(tmp_path / "b.json", later))])
+    md = (tmp_path / "cost_vs_teachers_merged.md").read_text()
+    table = _cost_table(md)
+    assert table[("ViT-T", 3)]["teacher path"] == "stacked +compile"
+    assert table[("ViT-T", 2)]["teacher path"] == "loop"
+    assert table[("ViT-T", 0)]["teacher path"] == "—"  # no teachers, no path
+    assert table[("ViT-T", 3)]["MFU peak TFLOP/s"] == f"{half / 1e12:.3f}"
+    assert table[("ViT-T", 2)]["MFU peak TFLOP/s"] == f"{2 * half / 1e12:.3f}"
+    assert "teacher path **differs per row** (loop; stacked +compile)" in md
+    assert "- peak for MFU: **differs per row**" in md
+    assert "teachers mixed" in md.splitlines()[0]
+    assert "MIXED TEACHER PATHS, MIXED MFU PEAKS" in titles[-1]
+    # Parts that agree keep the plain table: no peak column, one path in the header.
+    main(["--merge", str(tmp_path / "throughput_same.json"), str(tmp_path / "a.json"),
+          str(tmp_path / "a.json")])
+    md = (tmp_path / "cost_vs_teachers_same.md").read_text()
+    assert "MFU peak TFLOP/s" not in md and "differs per row" not in md
+    assert "MIXED" not in titles[-1]
+
+
+def test_cost_table_marginal_cost_and_missing_baseline(tmp_path):
+    sys.path.insert(0, str(REPO))
+    from benchmarks.report import main
+    committed = _committed()
+    fast = {(r["student_short"], r["teachers"]): r["images_per_s"] for r in committed["rows"]
+            if (r["path"], r["data"], r["placement"]) == ("fast", "synthetic", "colocated")}
+    main([str(_write(tmp_path / "throughput_all.json", committed))])
+    table = _cost_table((tmp_path / "cost_vs_teachers_all.md").read_text())
+    lost = "img/s lost per added teacher"
+    assert table[("ViT-T", 0)][lost] == "—"
+    assert table[("ViT-T", 3)][lost] == f"{fast['ViT-T', 2] - fast['ViT-T', 3]:,.1f}"
+    assert table[("ViT-S", 1)][lost] == f"{fast['ViT-S', 0] - fast['ViT-S', 1]:,.1f}"
+    # Teacher counts 0 and 3: the 3 teachers' loss shared out per teacher.
+    gap = _committed("throughput_cpu_cpu_student_compile_off.json")
+    ips = {r["teachers"]: r["images_per_s"] for r in gap["rows"] if r["path"] == "fast"}
+    main([str(_write(tmp_path / "throughput_gap.json", gap))])
+    table = _cost_table((tmp_path / "cost_vs_teachers_gap.md").read_text())
+    assert table[("ViT-S", 3)][lost] == f"{(ips[0] - ips[3]) / 3:,.1f}"
+    # No 0-teacher row: no cost against the student alone, said so (was "n/ax").
+    no_base = {**committed, "rows": [r for r in committed["rows"] if r["teachers"] > 0]}
+    main([str(_write(tmp_path / "throughput_nobase.json", no_base))])
+    md = (tmp_path / "cost_vs_teachers_nobase.md").read_text()
+    table = _cost_table(md)
+    assert table[("ViT-T", 2)]["cost / image vs 0 teachers"] == "—"
+    assert table[("ViT-T", 2)][lost] == f"{fast['ViT-T', 1] - fast['ViT-T', 2]:,.1f}"
+    assert "No 0-teacher row for ViT-T, ViT-S in this result" in md and "n/ax" not in md
+
+
+def test_report_of_an_empty_or_cut_short_run_says_so(tmp_path, monkeypatch):
+    import warnings
+    sys.path.insert(0, str(REPO))
+    from benchmarks.report import main
+    titles = _plot_titles(monkeypatch)
+    empty = _write(tmp_path / "throughput_empty.json", {**_committed(), "rows": []})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # was: matplotlib's "No artists with labels" warning
+        main([str(empty)])
+    md = (tmp_path / "cost_vs_teachers_empty.md").read_text()
+    section = md.split("## Cost versus number of teachers")[1].split("\n## ")[0]
+    assert "(no rows measured)" in section and "| student |" not in section
+    assert "INCOMPLETE" not in md.splitlines()[0] and "INCOMPLETE" not in titles[-1]
+    cut = _write(tmp_path / "throughput_cut.json.partial", {**_committed(), "complete": False})
+    main([str(cut)])
+    md = (tmp_path / "cost_vs_teachers_cut.partial.md").read_text()
+    assert md.splitlines()[0].endswith("— INCOMPLETE RUN")
+    assert "INCOMPLETE RUN" in titles[-1]
+
+
+def test_report_refuses_incomplete_files_and_unwritable_merges_in_one_line(tmp_path):
+    sys.path.insert(0, str(REPO))
+    from benchmarks.report import main
+    committed = _committed()
+    bare = _write(tmp_path / "bare.json", {"benchmark": "throughput"})
+    with pytest.raises(SystemExit, match="bare.json: not a complete throughput result: field "
+                                         "preset is missing"):
+        main([str(bare)])
+    no_size = {**committed, "config": {k: v for k, v in committed["config"].items()
+                                       if k != "img_size"}}
+    with pytest.raises(SystemExit, match="field config.img_size is missing"):
+        main([str(_write(tmp_path / "throughput_a.json", no_size))])
+    rows = [dict(r) for r in committed["rows"]]
+    del rows[2]["step_ms"]
+    with pytest.raises(SystemExit, match="field rows.2..step_ms is missing"):
+        main([str(_write(tmp_path / "throughput_b.json", {**committed, "rows": rows}))])
+    with pytest.raises(SystemExit, match="bare.json: not a complete throughput result"):
+        main(["--merge", str(tmp_path / "m.json"), str(bare), str(bare)])
+    # --merge makes the output's folder, as throughput.py --out does; one it cannot make
+    # (a file in the way) is one line.
+    part = _write(tmp_path / "throughput_c.json", committed)
+    main(["--merge", str(tmp_path / "new" / "throughput_m.json"), str(part), str(part)])
+    assert (tmp_path / "new" / "cost_vs_teachers_m.md").is_file()
+    blocked = tmp_path / "a_file" / "m.json"
+    blocked.parent.write_text("")
+    with pytest.raises(SystemExit, match=r"--merge .*a_file/m.json: cannot write it"):
+        main(["--merge", str(blocked), str(part), str(part)])
