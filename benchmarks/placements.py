@@ -62,11 +62,16 @@ def placement_worker(rank: int, world: int, port: int, spec: dict, out_dir: str)
 
     if placement.role == "teacher":
         feeds = {s: data(r) for s, (r, _) in zip(placement.students, placement.data_shards)}
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        placement.serve(feeds, micro_batches=total)
+        with (contextlib.nullcontext() if cuda else MemorySampler()) as mem:
+            placement.serve(feeds, micro_batches=total)
+        serve_s = time.perf_counter() - t0
         dist.barrier()
+        memory = (torch.cuda.max_memory_allocated(device) if cuda else mem.peak) / 2**30
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"role": "teacher", "serve_s": time.perf_counter() - t0}, f)
+            json.dump({"role": "teacher", "serve_s": serve_s, "peak_memory_gib": memory}, f)
         return
     dim = vit_shape(cfg.teacher_arch, cfg.img_size).width
     student = make_student(spec["student"], dim, cfg.img_size)
@@ -128,6 +133,7 @@ def run_placements(cfg: Config, device, choice: dict, batch: int, peak: PeakFlop
         with holder:  # the ranks' reports, removed once read
             ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
         students = [r for r in ranks if r["role"] == "student"]
+        teachers = [r for r in ranks if r["role"] == "teacher"]
         img_s = sum(r["images"] for r in students) / max(r["wall_s"] for r in students)
         result = {"images_per_s": img_s,
                   "step_ms": 1e3 * max(r["wall_s"] for r in students) / cfg.steps,
@@ -138,6 +144,10 @@ def run_placements(cfg: Config, device, choice: dict, batch: int, peak: PeakFlop
                    {"ranks": world, "teacher_ranks": tr, "student_ranks": world - tr,
                     "threads_per_rank": threads,
                     "images_per_s_per_rank": img_s / world,
+                    # what sizes a teacher rank's GPU; serve_s spans warm-up and measured steps
+                    "teacher_rank_peak_memory_gib":
+                        max((r["peak_memory_gib"] for r in teachers), default=None),
+                    "teacher_rank_serve_s": max((r["serve_s"] for r in teachers), default=None),
                     "targets_mb_per_image": vit_shape(cfg.teacher_arch, cfg.img_size).tokens
                     * vit_shape(cfg.teacher_arch, cfg.img_size).width * 2 / 1e6})
         if peak.flops:  # MFU over all ranks of the run

@@ -174,19 +174,38 @@ def cost_notes(result: dict) -> list[str]:
     return notes
 
 
+def failed_cells_lines(result: dict) -> list[str]:
+    """The cells that raised instead of giving a row: missing from the tables, named here."""
+    failed = result.get("failed_cells") or []
+    if not failed:
+        return []
+    return ["", f"**{len(failed)} cell(s) failed** (not in the tables):", ""] + [
+        f"- {c['student']} + {c['teachers']} teachers, data {c['data']}: {c['error']}"
+        for c in failed]
+
+
 def breakdown_table(result: dict) -> list[str]:
     if not result["rows"]:
         return ["(no rows measured)"]
     lines = ["| student | teachers | data | path | batch | data ms | teacher ms | student fwd+bwd ms "
-             "| optimizer ms | other ms | step ms | img/s |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| optimizer ms | other ms | step ms | img/s | phases ms per step: min / median / max |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         b = r["breakdown_ms"]
         lines.append(f"| {r['student_short']} | {r['teachers']} | {r['data']} | {r['path']} | "
                      f"{r['micro_batch']} | {b.get('data', 0):.1f} | {b.get('teacher', 0):.1f} | "
                      f"{b.get('student', 0):.1f} | {b.get('optimizer', 0):.1f} | "
-                     f"{b.get('other', 0):.1f} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} |")
-    return lines
+                     f"{b.get('other', 0):.1f} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | "
+                     f"{_spread(r.get('phases_ms_per_step'))} |")
+    return lines + ["", "The last column is the spread over the measured steps of data wait + "
+                        "teacher + student + optimizer: a wide one says the machine was busy "
+                        "(compare rows against it, not to the last digit)."]
+
+
+def _spread(spread: dict | None) -> str:
+    if not spread:
+        return "—"  # results measured before the spread was recorded
+    return f"{spread['min']:.1f} / {spread['median']:.1f} / {spread['max']:.1f}"
 
 
 def variants_table(result: dict) -> list[str]:
@@ -225,14 +244,15 @@ def placement_section(result: dict) -> list[str]:
     if rows:
         lines += ["| placement | ranks | student | teachers | batch / rank | img/s (all ranks) "
                   "| img/s per rank | targets ms on a student rank (colocated: teacher pass; "
-                  "dedicated: wait) | peak mem / student rank GiB |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "dedicated: wait) | peak mem / student rank GiB | peak mem / teacher rank GiB |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             lines.append(f"| {r['placement']} | {r['teacher_ranks']}T + {r['student_ranks']}S | "
                          f"{r['student_short']} | {r['teachers']} | {r['micro_batch']} | "
                          f"{r['images_per_s']:.1f} | {r['images_per_s_per_rank']:.1f} | "
                          f"{r['breakdown_ms'].get('teacher', 0):.1f} | "
-                         f"{r['peak_memory_gib']:.2f} |")
+                         f"{r['peak_memory_gib']:.2f} | "
+                         f"{_fmt(r.get('teacher_rank_peak_memory_gib'), 2)} |")
     else:
         lines.append("(not measured in this run)")
     # The arithmetic of the trade-off, from the colocated breakdown of the same cell.
@@ -477,6 +497,7 @@ def write_report(result: dict, md: Path) -> tuple[Path, Path]:
     lines += ["", f"![cost vs teachers]({png.name})", "",
               "## Cost versus number of teachers", ""] + cost_table(result)
     lines += [x for note in cost_notes(result) for x in ("", note)]
+    lines += failed_cells_lines(result)
     lines += ["", "## Teacher execution variants (teacher pass + fusion only)", ""]
     lines += variants_table(result)
     lines += ["", "## Placements on the same hardware", ""] + placement_section(result)
@@ -507,6 +528,10 @@ def _key(kind: str, item: dict) -> tuple:
             item["student"], item["teachers"])
 
 
+def _failed_key(cell: dict) -> tuple:
+    return cell["student"], cell["teachers"], cell["data"]
+
+
 def merge_results(parts: list[dict]) -> dict:
     """One result from runs of parts of the matrix on one machine (a long matrix split into
     jobs that each fit a time limit). A later part replaces an earlier part's row for the
@@ -530,6 +555,10 @@ def merge_results(parts: list[dict]) -> dict:
                 fresh.setdefault(_key(kind, item), []).append(item)
             by_key.update(fresh)  # a later part replaces whole cells
         merged[kind] = [item for items in by_key.values() for item in items]
+    # A cell that failed in one part and was measured in another keeps its rows.
+    measured = {_failed_key(r) for r in merged["rows"]}
+    failed = {_failed_key(c): c for part in parts for c in part.get("failed_cells") or []}
+    merged["failed_cells"] = [c for key, c in failed.items() if key not in measured]
     with_variants = [p for p in parts if p.get("teacher_variants")]
     merged["teacher_choice"] = (with_variants or parts)[-1].get("teacher_choice")
     merged["profile"] = next((p["profile"] for p in reversed(parts) if p.get("profile")), None)

@@ -36,6 +36,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -262,6 +263,7 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
     ref_peak = (peak if cfg.reference_precision == cfg.precision else
                 device_peak_flops(device, DTYPES[cfg.reference_precision], measure_if_unknown=True))
     variants, choice, rows, profile, placement_rows = [], None, [], None, []
+    failed_cells = []  # cells that raised (out of memory at a fixed micro-batch, say)
 
     partial = partial_path(out)
 
@@ -278,7 +280,8 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
             "matmul_rates": matmul_rates,
             "config": {k: v for k, v in asdict(cfg).items() if k not in ("notes", "overwrite")},
             "teacher_variants": variants, "teacher_choice": choice,
-            "rows": rows, "placement_rows": placement_rows, "profile": profile,
+            "rows": rows, "failed_cells": failed_cells, "placement_rows": placement_rows,
+            "profile": profile,
             "notes": cfg.notes + _notes(cfg, device, matmul_rates),
         }
         write_json(partial, payload)
@@ -314,8 +317,15 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
     for student_arch, m, source in cells:
         label = f"{SHORT.get(student_arch, student_arch)} + {m} x {SHORT.get(cfg.teacher_arch)}"
         print(f"{label}, data {source}:", flush=True)
-        rows.extend(measure_cell(cfg, bank, device, choice, student_arch, m, source,
-                                 fixed_batch, peak, ref_peak))
+        try:
+            rows.extend(measure_cell(cfg, bank, device, choice, student_arch, m, source,
+                                     fixed_batch, peak, ref_peak))
+        except Exception as err:  # noqa: BLE001  (one cell failing is a result; the rest run)
+            traceback.print_exc()
+            print(f"  failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            failed_cells.append({"student": student_arch, "teachers": m, "data": source,
+                                 "error": f"{type(err).__name__}: {str(err)[:500]}"})
+            cleanup(device)
         save()
 
     # --- 3. where the time goes in one cell
@@ -335,6 +345,10 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
     payload = save(complete=True)
     print_table(payload)
     print(f"wrote {out} ({payload['wall_s']} s)")
+    if failed_cells:
+        raise SystemExit(f"{len(failed_cells)} cell(s) failed, listed in {out} (failed_cells): "
+                         + "; ".join(f"{SHORT.get(c['student'], c['student'])} + {c['teachers']}"
+                                     f" ({c['data']}): {c['error'][:120]}" for c in failed_cells))
     return out
 
 

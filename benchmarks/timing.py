@@ -39,12 +39,23 @@ class Phases:
     def mark(self):
         self.steps[-1].append(self._now())
 
-    def summary_ms(self) -> dict:
+    def _spans_ms(self) -> list[list[float]]:
         if self.cuda:
             torch.cuda.synchronize()
-            spans = [[a.elapsed_time(b) for a, b in zip(s, s[1:])] for s in self.steps]
-        else:
-            spans = [[(b - a) * 1e3 for a, b in zip(s, s[1:])] for s in self.steps]
+            return [[a.elapsed_time(b) for a, b in zip(s, s[1:])] for s in self.steps]
+        return [[(b - a) * 1e3 for a, b in zip(s, s[1:])] for s in self.steps]
+
+    def spread_ms(self) -> dict:
+        """How much the measured steps differ: min, median and max over steps of data wait
+        + the phases (what happens between steps, 'other', is not split per step)."""
+        per_step = sorted(1e3 * w + sum(s) for w, s in zip(self.data_wait, self._spans_ms()))
+        if not per_step:
+            return {}
+        return {"min": round(per_step[0], 3), "median": round(per_step[len(per_step) // 2], 3),
+                "max": round(per_step[-1], 3), "steps": len(per_step)}
+
+    def summary_ms(self) -> dict:
+        spans = self._spans_ms()
         n = max(1, len(spans))
         out = {name: sum(s[i] for s in spans) / n for i, name in enumerate(self.NAMES)}
         out["data"] = 1e3 * sum(self.data_wait) / n
@@ -90,7 +101,8 @@ def measure(step, batches, steps: int, warmup: int, device) -> dict:
     else:
         memory = {"peak_memory_gib": mem.peak / 2**30, "memory_kind": mem.kind}
     return {"images_per_s": images / wall, "step_ms": step_ms,
-            "breakdown_ms": {k: round(v, 3) for k, v in ms.items()}, **memory}
+            "breakdown_ms": {k: round(v, 3) for k, v in ms.items()},
+            "phases_ms_per_step": phases.spread_ms(), **memory}
 
 
 def cleanup(device):

@@ -41,6 +41,8 @@ def test_benchmark_and_report_end_to_end(tmp_path):
         assert ROW_FIELDS <= set(r), ROW_FIELDS - set(r)
         assert r["images_per_s"] > 0 and r["peak_memory_gib"] > 0 and 0 < r["mfu"] < 1
         assert set(r["breakdown_ms"]) == {"data", "teacher", "student", "optimizer", "other"}
+        spread = r["phases_ms_per_step"]
+        assert spread["steps"] == 2 and spread["min"] <= spread["median"] <= spread["max"]
     fast2 = next(r for r in rows if r["teachers"] == 2 and r["path"] == "fast")
     assert fast2["speedup_vs_reference"] > 0
     assert fast2["flops_per_image"]["teachers"] > 0
@@ -72,6 +74,9 @@ def test_benchmark_and_report_end_to_end(tmp_path):
     assert set(placements) == {"colocated", "dedicated"}
     assert placements["dedicated"]["teacher_ranks"] == 1
     assert placements["colocated"]["student_ranks"] == 2
+    # a teacher rank's own memory, to size its GPU; colocated has no teacher rank
+    assert placements["dedicated"]["teacher_rank_peak_memory_gib"] > 0
+    assert placements["colocated"]["teacher_rank_peak_memory_gib"] is None
     assert all(r["images_per_s"] > 0 for r in placements.values())
 
     proc = subprocess.run([sys.executable, "benchmarks/report.py", str(out)], cwd=REPO,
@@ -496,6 +501,15 @@ def _write(path: Path, result: dict) -> Path:
     return path
 
 
+def _loop(result: dict) -> dict:
+    """`result` as if its teachers had run the plain loop (the committed result's path
+    depends on which variant won on the day it was measured)."""
+    loop = {"mode": "loop", "compile": False, "fp8": False, "why": "as measured"}
+    return {**result, "teacher_choice": loop,
+            "rows": [{**r, "teacher_path": loop if r["path"] == "fast" and r["teachers"] else
+                      r.get("teacher_path")} for r in result["rows"]]}
+
+
 def _cost_table(md: str) -> dict:
     """The report's cost table: {(student, teachers): {column: cell}}."""
     section = md.split("## Cost versus number of teachers")[1].split("\n## ")[0]
@@ -523,7 +537,7 @@ def test_each_result_file_gets_its_own_report(tmp_path, monkeypatch):
     sys.path.insert(0, str(REPO))
     from benchmarks import report
     monkeypatch.setattr(report, "RESULTS", tmp_path)
-    committed = _committed()
+    committed = _loop(_committed())
     compiled = _committed("throughput_cpu_cpu_student_compile_on.json")  # ViT-S rows only
     fp8 = {**committed, "config": {**committed["config"], "teacher_fp8": True},
            "rows": [{**r, "teacher_path": {**r["teacher_path"], "fp8": True}}
@@ -573,7 +587,7 @@ def test_merged_report_says_each_rows_teacher_path_and_peak(tmp_path, monkeypatc
     sys.path.insert(0, str(REPO))
     from benchmarks.report import main
     titles = _plot_titles(monkeypatch)
-    committed = _committed()
+    committed = _loop(_committed())
     stacked = {"mode": "stacked", "compile": True, "fp8": False, "why": "forced"}
     half = committed["peak_flops"]["flops"] / 2  # the later part measured half the peak
     cell = [{**r, "teacher_path": stacked if r["path"] == "fast" else None, "mfu": 2 * r["mfu"]}
@@ -676,3 +690,64 @@ def test_report_refuses_incomplete_files_and_unwritable_merges_in_one_line(tmp_p
     blocked.parent.write_text("")
     with pytest.raises(SystemExit, match=r"--merge .*a_file/m.json: cannot write it"):
         main(["--merge", str(blocked), str(part), str(part)])
+
+
+def test_the_step_spread_is_taken_over_each_step_s_data_wait_and_phases(monkeypatch):
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from benchmarks import timing
+    ticks = iter([0.0, 0.010, 0.030, 0.035,     # step 1: phases 10 + 20 + 5 ms
+                  1.0, 1.040, 1.050, 1.060,     # step 2: 40 + 10 + 10 ms
+                  2.0, 2.001, 2.002, 2.003])    # step 3: 1 + 1 + 1 ms
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(ticks))
+    phases = timing.Phases(torch.device("cpu"))
+    for wait_s in (0.002, 0.0, 0.100):
+        phases.start(wait_s)
+        for _ in timing.Phases.NAMES:
+            phases.mark()
+    # per step, data wait + phases: 2 + 35, 0 + 60, 100 + 3 ms
+    assert phases.spread_ms() == {"min": 37.0, "median": 60.0, "max": 103.0, "steps": 3}
+
+
+@pytest.mark.timeout(300)
+def test_a_failing_cell_is_recorded_and_the_other_cells_still_run(tmp_path):
+    # One cell raising (here: out of memory, simulated for 2 teachers) used to end the whole
+    # matrix with a traceback, the later cells never tried.
+    out = tmp_path / "throughput_fails.json"
+    script = (
+        "import sys; sys.argv[0] = 'benchmarks/throughput.py'; sys.path.insert(0, '.')\n"
+        "import benchmarks.throughput as bench\n"
+        "real = bench.measure_cell\n"
+        "def measure_cell(*args):\n"
+        "    if args[5] == 2:\n"
+        "        raise RuntimeError('CUDA out of memory (simulated)')\n"
+        "    return real(*args)\n"
+        "bench.measure_cell = measure_cell\n"
+        f"bench.main({['--preset', 'cpu', '--device', 'cpu', '--students', 'T', '--teacher-arch', 'T', '--teacher-counts', '0,2,1', '--img-size', '32', '--micro-batch', '2', '--steps', '1', '--warmup', '1', '--teacher-variants', '', '--data', 'synthetic', '--data-probe', '', '--dedicated', '', '--profile', '', '--out', str(out)]!r})\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=280)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"1 cell(s) failed, listed in {out} (failed_cells): ViT-T + 2 (synthetic): "
+        "RuntimeError: CUDA out of memory (simulated)")
+    result = json.loads(out.read_text())
+    assert result["complete"] is True
+    assert sorted({r["teachers"] for r in result["rows"]}) == [0, 1]  # the cell after it ran
+    assert result["failed_cells"] == [{"student": "vit_tiny_patch16_224", "teachers": 2,
+                                       "data": "synthetic",
+                                       "error": "RuntimeError: CUDA out of memory (simulated)"}]
+    proc = subprocess.run([sys.executable, "benchmarks/report.py", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (tmp_path / "cost_vs_teachers_fails.md").read_text()
+    assert ("**1 cell(s) failed** (not in the tables):\n\n- vit_tiny_patch16_224 + 2 teachers, "
+            "data synthetic: RuntimeError: CUDA out of memory (simulated)") in md
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.report import merge_results
+    later = dict(result, failed_cells=[], rows=[dict(r, teachers=2) for r in result["rows"]
+                                                if r["teachers"] == 1])
+    assert merge_results([result, later])["failed_cells"] == []  # measured by a later part
+    assert merge_results([later, result])["failed_cells"] == []  # or an earlier one
+    assert len(merge_results([result, result])["failed_cells"]) == 1
