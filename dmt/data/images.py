@@ -14,13 +14,30 @@ UNDECODABLE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, Ty
                       KeyError, Image.DecompressionBombError)
 
 
+def check_pixel_format(image: Image.Image) -> None:
+    """Raises ValueError for 32-bit float (mode F) or integer (mode I, values beyond 16
+    bits) pixels. PIL's conversion clips them (all black or all white) and DALI decodes
+    them otherwise: refused, every backend leaves such a file out, as undecodable."""
+    if image.mode == "F" or (image.mode == "I" and not _fits_16_bits(image)):
+        kind = "floating-point" if image.mode == "F" else "integer"
+        raise ValueError(f"unsupported pixel format: 32-bit {kind} (PIL mode {image.mode}); "
+                         "convert such images to 8 or 16 bits")
+
+
+def _fits_16_bits(image: Image.Image) -> bool:
+    low, high = image.getextrema()
+    return 0 <= low and high <= 65535
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Greyscale, CMYK, palette and alpha images -> RGB (alpha is dropped, not blended).
     16-bit greyscale (PNG, TIFF) is scaled to 8 bits, as DALI does; PIL's own conversion
-    clips it, which turns such an image white."""
+    clips it, which turns such an image white. 32-bit pixels raise ValueError."""
     if image.mode == "RGB":
         return image
-    if image.mode.startswith("I;16"):  # not "I": 32-bit integers say nothing of their range
+    check_pixel_format(image)
+    # "I" holding 16-bit values: how older PIL versions open 16-bit greyscale PNGs
+    if image.mode.startswith("I;16") or image.mode == "I":
         wide = np.asarray(image).astype(np.float32)
         image = Image.fromarray((wide / 257.0 + 0.5).astype(np.uint8), "L")
     if image.mode in ("P", "PA") and "transparency" in image.info:
@@ -47,6 +64,7 @@ def probe_image(path) -> tuple:
         if image.format == "JPEG":
             image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
         image.load()
+        check_pixel_format(image)
     if width < 1 or height < 1:
         raise ValueError("image has no pixels")
     return height, width
