@@ -15,18 +15,13 @@ UNDECODABLE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, Ty
 
 
 def check_pixel_format(image: Image.Image) -> None:
-    """Raises ValueError for 32-bit float (mode F) or integer (mode I, values beyond 16
-    bits) pixels. PIL's conversion clips them (all black or all white) and DALI decodes
-    them otherwise: refused, every backend leaves such a file out, as undecodable."""
-    if image.mode == "F" or (image.mode == "I" and not _fits_16_bits(image)):
+    """Raises ValueError for 32-bit float (mode F) or integer (mode I) pixels. PIL's
+    conversion clips them (all black or all white) and DALI cannot decode 32-bit TIFFs:
+    refused here, every backend leaves such a file out as undecodable, saying why."""
+    if image.mode in ("F", "I"):
         kind = "floating-point" if image.mode == "F" else "integer"
         raise ValueError(f"unsupported pixel format: 32-bit {kind} (PIL mode {image.mode}); "
                          "convert such images to 8 or 16 bits")
-
-
-def _fits_16_bits(image: Image.Image) -> bool:
-    low, high = image.getextrema()
-    return 0 <= low and high <= 65535
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -36,8 +31,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     check_pixel_format(image)
-    # "I" holding 16-bit values: how older PIL versions open 16-bit greyscale PNGs
-    if image.mode.startswith("I;16") or image.mode == "I":
+    if image.mode.startswith("I;16"):
         wide = np.asarray(image).astype(np.float32)
         image = Image.fromarray((wide / 257.0 + 0.5).astype(np.uint8), "L")
     if image.mode in ("P", "PA") and "transparency" in image.info:
