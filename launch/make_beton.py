@@ -50,15 +50,21 @@ def main(argv=None) -> int:
         return 1
     size_mb = report.path.stat().st_size / 2**20
     classes = f"{len(report.classes)} class" + ("es" if len(report.classes) != 1 else "")
-    print(f"wrote {report.written} images ({classes}) to {report.path} "
+    print(f"wrote {report.written} images ({classes}) to {_printable(str(report.path))} "
           f"({size_mb:.1f} MiB) in {time.time() - start:.1f}s")
     total = report.written + len(report.skipped)
     print(f"probed {report.probed} of {total} file(s) ({total - report.probed} known from "
           "the probe cache)")
     print(f"skipped {len(report.skipped)} unreadable file(s)")
     for path, reason in report.skipped:
-        print(f"  skipped {path}: {reason}")
+        print(f"  skipped {_printable(path)}: {_printable(reason)}")
     return 0
+
+
+def _printable(text: str) -> str:
+    """A file name that is not valid UTF-8 (its bytes held as surrogates) as \\xNN
+    escapes: printed as it is, it would stop a UTF-8 terminal's print."""
+    return text.encode(errors="surrogateescape").decode(errors="backslashreplace")
 
 
 if __name__ == "__main__":

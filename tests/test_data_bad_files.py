@@ -303,3 +303,65 @@ def test_linked_folders_are_read_once(tmp_path, caplog):
     names = sorted(f.name for f in folder.files)
     assert names == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
     assert any("lead to a folder already read" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(120)
+def test_file_names_that_are_not_utf8_are_read_probed_and_listed(tmp_path, source):
+    """b'caf\\xe9.jpg' (Latin-1): Python holds such a name with surrogates, which
+    str.encode() refuses. The torch loader reads and skips by it, the probe (DALI,
+    make_beton) fingerprints and caches it, and the run's skipped_files.txt lists it
+    as its bytes."""
+    import torch.distributed as dist
+    from engine_utils import free_port
+
+    from dmt.data.probe import probe_image_folder
+    from dmt.engine.trainer import _record_skipped
+    _, files = source
+    good, bad = os.fsdecode(b"caf\xe9.jpg"), os.fsdecode(b"cass\xe9.jpg")
+    shutil.copy(files[0], tmp_path / good)
+    (tmp_path / bad).write_bytes(b"not a jpeg")
+    loader = build_loader("torch", tmp_path, 2, image_size=32, num_workers=0, drop_last=False)
+    served = torch.cat([batch["index"] for batch in loader]).tolist()
+    assert [loader.folder.files[i].name for i in set(served)] == [good]
+    assert loader.skipped_files == [str(tmp_path / bad)]
+    for probed in (2, 0):  # the second probe reads every verdict from its index
+        folder, result = probe_image_folder(tmp_path, shard=False)
+        assert result.probed == probed and [p for p, _ in result.bad] == [str(tmp_path / bad)]
+        assert result.decodable.tolist() == [f.name == good for f in folder.files]
+
+    class Info:
+        is_main = True
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    try:
+        for _ in range(2):  # the second reads the list back
+            assert _record_skipped(loader, tmp_path, Info(), None, log=None) == 1
+    finally:
+        dist.destroy_process_group()
+    assert (tmp_path / "skipped_files.txt").read_bytes() == os.fsencode(tmp_path) + b"/cass\xe9.jpg\n"
+
+
+@pytest.mark.timeout(240, method="thread")
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_32_bit_pixels_are_refused_alike(backend, tmp_path, source):
+    """Float (mode F) and 32-bit integer (mode I) TIFFs came out all black or all white
+    (PIL clips) while DALI cannot decode them (32-bit values that fit in 16 bits
+    included): every backend leaves them out as undecodable, naming why."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    _, files = source
+    shutil.copy(files[0], tmp_path / "good.jpg")
+    ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tif")
+    Image.fromarray((ramp * 2**31).astype(np.int32)).save(tmp_path / "int32.tif")
+    Image.fromarray((ramp * 65535).astype(np.int32)).save(tmp_path / "int16in32.tif")
+    assert {Image.open(tmp_path / n).mode for n in ("float.tif", "int32.tif", "int16in32.tif")} \
+        == {"F", "I"}
+    loader = build_loader(backend, tmp_path, 1, image_size=32, num_workers=0 if backend == "torch"
+                          else 1, drop_last=False)
+    for _ in loader:
+        pass
+    refused = {str(tmp_path / n) for n in ("float.tif", "int32.tif", "int16in32.tif")}
+    assert set(loader.skipped_files) == refused
+    assert all("unsupported pixel format: 32-bit" in loader._skipped[p] for p in refused)

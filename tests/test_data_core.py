@@ -1,5 +1,12 @@
 """Backend-independent pieces of dmt.data: random numbers, epoch plans, folder scan, views."""
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -269,3 +276,77 @@ def test_a_global_step_holds_the_same_samples_whatever_the_rank_count(epoch):
                 for k in range(plans[0].num_batches)]
 
     assert step_samples(1) == step_samples(2) == step_samples(4)
+
+
+# --- folder: links, special files, unreadable folders --------------------------------
+
+def test_a_link_into_another_class_or_up_to_the_root_lists_no_image_twice(tmp_path, caplog):
+    """Each real folder is read once in the whole scan: a link in class a back up to the
+    root must not list b's images again, labelled a."""
+    for cls in "ab":
+        for i in range(8):
+            _touch(tmp_path / cls / f"{i}.jpg")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path)
+    (tmp_path / "a" / "to_b").symlink_to(tmp_path / "b")
+    with caplog.at_level("WARNING", logger="dmt.data"):
+        folder = scan_image_folder(tmp_path)
+    rel = [f.relative_to(tmp_path).as_posix() for f in folder.files]
+    assert rel == [f"{c}/{i}.jpg" for c in "ab" for i in range(8)]
+    assert folder.labels == [0] * 8 + [1] * 8
+    assert "2 linked folder(s) lead to a folder already read" in caplog.text
+
+
+def test_fifos_are_not_listed_and_broken_links_are_listed_to_be_counted(tmp_path, caplog):
+    """Opening a FIFO blocks forever (a hung worker); a broken link is listed wherever it
+    is, so that reading it is a counted, named skip (it used to vanish at the root)."""
+    for name in ("cls/a.jpg", "flat/a.jpg"):
+        _touch(tmp_path / name)
+    for folder in ("cls", "flat"):
+        os.mkfifo(tmp_path / folder / "pipe.jpg")
+        (tmp_path / folder / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with caplog.at_level("WARNING", logger="dmt.data"):
+        classes = scan_image_folder(tmp_path)
+        flat = scan_image_folder(tmp_path / "flat")
+    assert [f.relative_to(tmp_path).as_posix() for f in classes.files] == [
+        "cls/a.jpg", "cls/gone.jpg", "flat/a.jpg", "flat/gone.jpg"]
+    assert [f.name for f in flat.files] == ["a.jpg", "gone.jpg"]
+    assert "2 image-named entries are not files" in caplog.text and "pipe.jpg" in caplog.text
+
+
+def _scan_as_a_user(path) -> subprocess.CompletedProcess:
+    """scan_image_folder(path) in a process without root's permission override (DAC)."""
+    code = ("import json, logging, sys; logging.basicConfig(level=logging.WARNING);"
+            "from dmt.data.folder import scan_image_folder;"
+            "print(json.dumps([str(f) for f in scan_image_folder(sys.argv[1]).files]))")
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: permissions do not apply")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                  "--inh-caps=-dac_override,-dac_read_search"]
+    root = str(Path(__file__).resolve().parents[1])
+    return subprocess.run([*prefix, sys.executable, "-c", code, str(path)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": root}, timeout=60)
+
+
+def test_unlistable_folders_are_named_and_an_unlistable_root_is_one_data_error(tmp_path):
+    for name in ("a/0.jpg", "a/locked_sub/1.jpg", "b/0.jpg", "c/0.jpg"):
+        _touch(tmp_path / "data" / name)
+    os.chmod(tmp_path / "data" / "a" / "locked_sub", 0)
+    os.chmod(tmp_path / "data" / "c", 0o311)  # can be entered, not listed
+    try:
+        done = _scan_as_a_user(tmp_path / "data")
+        assert done.returncode == 0, done.stderr
+        assert [Path(f).relative_to(tmp_path / "data").as_posix()
+                for f in json.loads(done.stdout)] == ["a/0.jpg", "b/0.jpg"]
+        assert "2 folder(s) cannot be listed" in done.stderr
+        assert "locked_sub' (Permission denied)" in done.stderr and "/c' (" in done.stderr
+        os.chmod(tmp_path / "data", 0)
+        done = _scan_as_a_user(tmp_path / "data")
+        assert done.returncode == 1 and "Traceback" in done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert last == (f"dmt.errors.DataError: image folder {str(tmp_path / 'data')!r} "
+                        "cannot be listed: Permission denied")
+    finally:
+        for folder in ("data", "data/a/locked_sub", "data/c"):
+            os.chmod(tmp_path / folder, 0o755)

@@ -1,6 +1,7 @@
 """Sample images, launch/make_beton.py and benchmarks/dataloader.py."""
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,49 @@ def test_loader_benchmark_refuses_empty_measurements(flags, message, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--backend", "torch", *flags])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300, method="thread")
+def test_make_beton_survives_thin_images_files_that_fail_in_the_writer_and_odd_names(
+        tmp_path, capsys, monkeypatch):
+    """--max-side 64 rounded a 4000x50 image to 64x0: OpenCV raised in an FFCV worker and
+    the writer waited forever. A file that fails only in the writer (here: replaced after
+    its probe, at the same size and mtime, so the probe index still calls it good) is a
+    counted skip, named. A name that is not UTF-8 is printed escaped. '~' is expanded in
+    the output too."""
+    pytest.importorskip("ffcv")
+    import numpy as np
+    src = write_sample_images(tmp_path / "src", num_images=3, size=64, num_classes=1) / "class_0"
+    Image.fromarray(np.full((50, 4000, 3), 200, np.uint8)).save(src / "wide.png")
+    (src / os.fsdecode(b"caf\xe9.jpg")).write_bytes(b"not a jpeg")
+    make_beton = load_script("launch/make_beton.py")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert make_beton.main([str(src), "~/first.beton", "--max-side", "64", "--workers", "1"]) == 0
+    assert "wrote 4 images" in capsys.readouterr().out
+    liar = sorted(src.glob("img_*.jpg"))[0]
+    info = liar.stat()
+    liar.write_bytes(b"\xff\xd8" + bytes(info.st_size - 2))
+    os.utime(liar, ns=(info.st_atime_ns, info.st_mtime_ns))
+    out = tmp_path / "home" / "again.beton"
+    assert make_beton.main([str(src), "~/again.beton", "--max-side", "64", "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 3 images" in printed and "probed 0 of 5 file(s)" in printed
+    assert f"skipped {liar}: " in printed and "caf\\xe9.jpg: UnidentifiedImageError" in printed
+    from ffcv.reader import Reader
+    sizes = Reader(str(out)).metadata["f0"]
+    assert (64, 1) in zip(sizes["width"].tolist(), sizes["height"].tolist())  # the 4000x50
+    assert sorted(p.name for p in out.parent.iterdir()) == ["again.beton", "first.beton"]
+
+
+def test_make_beton_checks_the_output_path_before_probing(tmp_path, capsys):
+    """An output that is a folder, or whose folder cannot be made, is said at once, not
+    after a whole probe and write (whose data the folder case then deleted)."""
+    src = write_sample_images(tmp_path / "src", num_images=2, size=32, num_classes=1)
+    (tmp_path / "a_file").write_text("x")
+    make_beton = load_script("launch/make_beton.py")
+    for out, message in ((tmp_path, f"the output {str(tmp_path)!r} is a folder"),
+                         (tmp_path / "a_file" / "x.beton",
+                          f"cannot make the output's folder {str(tmp_path / 'a_file')!r}")):
+        assert make_beton.main([str(src), str(out)]) == 1
+        assert message in capsys.readouterr().err
+    assert not list(src.rglob(".dmt_probe_cache.json"))  # nothing was probed

@@ -9,11 +9,17 @@ FFCV's writer forks its workers; forked from a process that already runs threads
 (DALI, OpenMP, a thread pool) a worker can inherit a held lock and hang forever,
 and the writer with it. So the writer runs in a fresh Python process
 (`python -m dmt.data.beton`, arguments as JSON on stdin).
+
+FFCV's writer also waits forever when one of its workers raises. There, a worker that
+fails on a file names it (a small JSON file) and the writer ends; the file is then a
+counted skip and the .beton is written again without it.
 """
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,29 +40,98 @@ class BetonReport:
     probed: int = 0  # files decoded by the probe now; the others came from its cache
 
 
+# The file a writer worker is on, named if the worker fails (each worker is a process).
+_CURRENT = None
+
+# A worker that keeps failing on file after file is no bad file: stop retrying after these.
+_MAX_WRITE_FAILURES = 8
+
+
 class _RGBFolder:
     """Indexable (image HWC uint8 RGB, label) pairs, as FFCV's writer reads them."""
 
-    def __init__(self, files, labels):
-        self.files, self.labels = [str(f) for f in files], labels
+    def __init__(self, files, labels, max_side):
+        self.files, self.labels, self.max_side = [str(f) for f in files], labels, max_side
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        return np.asarray(open_rgb(self.files[i])), int(self.labels[i])
+        global _CURRENT
+        _CURRENT = self.files[i]
+        return _shrink(np.asarray(open_rgb(self.files[i])), self.max_side), int(self.labels[i])
 
 
-def _write(out, files, labels, max_side, quality, write_mode, workers):
+def _shrink(pixels: np.ndarray, max_side):
+    """FFCV's own shrink (OpenCV area resize, sides rounded down), but no side below 1 px:
+    FFCV makes a 4000x50 image 64x0 at max_side 64, and OpenCV raises on it. FFCV then
+    finds the longer side within max_side and leaves the image alone."""
+    height, width = pixels.shape[:2]
+    if max_side is None or max(height, width) <= max_side:
+        return pixels
+    import cv2
+    ratio = max_side / max(height, width)
+    size = (max(1, int(ratio * width)), max(1, int(ratio * height)))
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+
+
+def _naming_failures(work, failure_file: str):
+    """FFCV's worker job, but a failure names the file it was on instead of hanging."""
+    def job(*args):
+        try:
+            work(*args)
+        except BaseException as error:  # noqa: BLE001  (any: FFCV would wait forever)
+            try:
+                with open(failure_file, "x", encoding="utf-8") as f:  # the first failure wins
+                    json.dump({"file": _CURRENT, "reason": f"{type(error).__name__}: {error}"}, f)
+            except FileExistsError:
+                pass
+            os._exit(1)
+    return job
+
+
+def _end_when_a_worker_fails(failure_file: str) -> None:
+    """FFCV's writer polls its workers' progress forever: end it once one has failed."""
+    import multiprocessing
+
+    def watch():
+        while not os.path.exists(failure_file):
+            time.sleep(0.2)
+        for worker in multiprocessing.active_children():
+            worker.kill()
+        os._exit(3)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _write(out, files, labels, max_side, quality, write_mode, workers, failure_file):
+    import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
 
+    ffcv.writer.worker_job_indexed_dataset = _naming_failures(
+        ffcv.writer.worker_job_indexed_dataset, failure_file)
+    _end_when_a_worker_fails(failure_file)
     fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_side,
                                      jpeg_quality=quality),
               "label": IntField()}
-    writer = DatasetWriter(out, fields, num_workers=workers)
-    writer.from_indexed_dataset(_RGBFolder(files, labels),
+    writer = ffcv.writer.DatasetWriter(out, fields, num_workers=workers)
+    writer.from_indexed_dataset(_RGBFolder(files, labels, max_side),
                                 chunksize=max(1, min(100, len(files) // workers)))
+
+
+def _output_path(out) -> Path:
+    """`out`, ~ expanded, with its folder made: an output that cannot be written is
+    found before the probe and the write, not after them."""
+    out = Path(out).expanduser()
+    try:
+        if out.is_dir():
+            raise DataError(f"the output {str(out)!r} is a folder; name a .beton file")
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"cannot make the output's folder {str(out.parent)!r}: "
+                        f"{error.strerror or error}") from None
+    if not os.access(out.parent, os.W_OK):
+        raise DataError(f"cannot write in the output's folder {str(out.parent)!r}")
+    return out
 
 
 def write_beton(src, out, max_side=None, quality: int = 90, write_mode: str = "jpg",
@@ -74,22 +149,41 @@ def write_beton(src, out, max_side=None, quality: int = 90, write_mode: str = "j
     if num_workers is not None and num_workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
     folder = scan_image_folder(src)
+    out = _output_path(out)  # before the probe, which can take long
     workers = num_workers or os.cpu_count() or 1
     probe = probe_folder(folder, cache=probe_cache, num_threads=max(workers, 4), shard=False)
-    skipped = probe.bad
+    skipped = list(probe.bad)
     good = np.flatnonzero(probe.decodable).tolist()
-    if not good:
-        raise DataError(f"image folder {str(folder.root)!r}: none of its {len(folder)} "
-                        "image files can be decoded; nothing to write")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     files = [str(folder.files[i]) for i in good]
     labels = [folder.labels[i] for i in good]
+    while True:
+        if not files:
+            raise DataError(f"image folder {str(folder.root)!r}: none of its {len(folder)} "
+                            "image files can be decoded; nothing to write")
+        failed = _write_in_a_fresh_process(out, files, labels, max_side, quality, write_mode,
+                                           workers)
+        if failed is None:
+            break
+        skipped.append(failed)
+        if len(skipped) - len(probe.bad) >= _MAX_WRITE_FAILURES:
+            raise DataError(f"the FFCV writer failed on {_MAX_WRITE_FAILURES} files, the last "
+                            f"{failed[0]!r} ({failed[1]}); {str(out)!r} was left as it was")
+        keep = [i for i, f in enumerate(files) if f != failed[0]]
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+    return BetonReport(path=out, written=len(files), classes=folder.classes, skipped=skipped,
+                       probed=probe.probed)
+
+
+def _write_in_a_fresh_process(out: Path, files, labels, max_side, quality, write_mode,
+                              workers):
+    """None once `out` is written, or (file, reason) of a file a writer worker failed on."""
     # Written beside `out` and renamed when whole: a failed or killed writer leaves no
     # .beton that opens but holds less than it should.
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    failure_file = out.with_name(f".{out.name}.{os.getpid()}.failed")
     job = dict(out=str(partial), files=files, labels=labels, max_side=max_side,
-               quality=quality, write_mode=write_mode, workers=workers)
+               quality=quality, write_mode=write_mode, workers=workers,
+               failure_file=str(failure_file))
     # The child must import this very dmt, installed or not.
     package_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -97,14 +191,18 @@ def write_beton(src, out, max_side=None, quality: int = 90, write_mode: str = "j
     try:
         done = subprocess.run([sys.executable, "-m", "dmt.data.beton"], input=json.dumps(job),
                               text=True, env=env)
-        if done.returncode != 0:
-            raise DataError(f"the FFCV writer failed writing {str(out)!r} (exit code "
-                            f"{done.returncode}); {str(out)!r} was left as it was")
-        os.replace(partial, out)
+        if done.returncode == 0:
+            os.replace(partial, out)
+            return None
+        if failure_file.exists():
+            failed = json.loads(failure_file.read_text(encoding="utf-8"))
+            if failed.get("file") in files:
+                return failed["file"], failed["reason"]
+        raise DataError(f"the FFCV writer failed writing {str(out)!r} (exit code "
+                        f"{done.returncode}); {str(out)!r} was left as it was")
     finally:
         partial.unlink(missing_ok=True)
-    return BetonReport(path=out, written=len(good), classes=folder.classes, skipped=skipped,
-                       probed=probe.probed)
+        failure_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

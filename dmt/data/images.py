@@ -14,13 +14,24 @@ UNDECODABLE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, Ty
                       KeyError, Image.DecompressionBombError)
 
 
+def check_pixel_format(image: Image.Image) -> None:
+    """Raises ValueError for 32-bit float (mode F) or integer (mode I) pixels. PIL's
+    conversion clips them (all black or all white) and DALI cannot decode 32-bit TIFFs:
+    refused here, every backend leaves such a file out as undecodable, saying why."""
+    if image.mode in ("F", "I"):
+        kind = "floating-point" if image.mode == "F" else "integer"
+        raise ValueError(f"unsupported pixel format: 32-bit {kind} (PIL mode {image.mode}); "
+                         "convert such images to 8 or 16 bits")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Greyscale, CMYK, palette and alpha images -> RGB (alpha is dropped, not blended).
     16-bit greyscale (PNG, TIFF) is scaled to 8 bits, as DALI does; PIL's own conversion
-    clips it, which turns such an image white."""
+    clips it, which turns such an image white. 32-bit pixels raise ValueError."""
     if image.mode == "RGB":
         return image
-    if image.mode.startswith("I;16"):  # not "I": 32-bit integers say nothing of their range
+    check_pixel_format(image)
+    if image.mode.startswith("I;16"):
         wide = np.asarray(image).astype(np.float32)
         image = Image.fromarray((wide / 257.0 + 0.5).astype(np.uint8), "L")
     if image.mode in ("P", "PA") and "transparency" in image.info:
@@ -47,6 +58,7 @@ def probe_image(path) -> tuple:
         if image.format == "JPEG":
             image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
         image.load()
+        check_pixel_format(image)
     if width < 1 or height < 1:
         raise ValueError("image has no pixels")
     return height, width

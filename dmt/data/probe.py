@@ -90,7 +90,7 @@ def _is_auto(setting) -> bool:
 
 def _user_cache_path(root: Path) -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "dmt"
-    digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    digest = hashlib.sha1(os.fsencode(root.resolve())).hexdigest()[:16]
     return base / f"probe_{root.name}_{digest}.json"
 
 
@@ -190,6 +190,12 @@ def _relative_paths(folder: ImageFolder) -> list:
     prefix = str(folder.root).rstrip(os.sep) + os.sep
     return [s[len(prefix):] if s.startswith(prefix) else os.path.relpath(s, folder.root)
             for s in map(str, folder.files)]
+
+
+def _fingerprint(rels: list) -> str:
+    # os.fsencode: a name that is not valid UTF-8 (Python holds its bytes as surrogates)
+    # hashes as the bytes it is; .encode() would raise on it.
+    return hashlib.sha1(b"\n".join(map(os.fsencode, rels))).hexdigest()
 
 
 class _Probed(NamedTuple):
@@ -329,7 +335,7 @@ def _probe(scan, root: str, cache, num_threads: int, shard: bool) -> tuple:
     try:
         folder = scan()
         rels = _relative_paths(folder)
-        fingerprint = hashlib.sha1("\n".join(rels).encode()).hexdigest()
+        fingerprint = _fingerprint(rels)
         if shared is not None and shared[0] == fingerprint:
             return folder, shared[1]
         # (a changed folder is probed here alone, as no other rank does)

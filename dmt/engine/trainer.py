@@ -523,9 +523,13 @@ def _record_skipped(loader, run_dir: Path, info: DistInfo, group, log: RunLogger
     listing = run_dir / SKIPPED_LIST
     if info.is_main and found:
         try:  # the list of earlier launches of the run, and this one's
-            known = set(listing.read_text().splitlines()) if listing.exists() else set()
+            # A file name that is not valid UTF-8 holds its bytes as surrogates: written
+            # back as those bytes, it cannot fail (and cost the checkpoint that follows).
+            known = (set(listing.read_bytes().decode(errors="surrogateescape").splitlines())
+                     if listing.exists() else set())
             if not found <= known:
-                ckpt.write_atomic(listing, "".join(f"{p}\n" for p in sorted(known | found)).encode())
+                text = "".join(f"{p}\n" for p in sorted(known | found))
+                ckpt.write_atomic(listing, text.encode(errors="surrogateescape"))
         except (OSError, StorageError) as err:  # a list is not worth stopping the run for
             log.warn(f"could not write the list of skipped files {listing}: {err}")
     return len(found)
