@@ -459,9 +459,10 @@ def _check_data_files(data: dict) -> None:
     if path is None and data["sample_images"] <= 0:
         raise ConfigError("data.path is not set (or set data.sample_images to train on the "
                           "bundled sample photos)")
-    if path is not None and not Path(path).exists():
+    local = None if path is None else Path(path).expanduser()  # as the loaders read it
+    if local is not None and not local.exists():
         raise ConfigError(f"data.path does not exist: {path}")
-    if DATA_PATH[data["backend"]] == "file" and path is not None and Path(path).is_dir():
+    if DATA_PATH[data["backend"]] == "file" and local is not None and local.is_dir():
         raise ConfigError(f"data.path {path} is a folder; backend ffcv reads a .beton file: "
                           f"write one with python launch/make_beton.py {path} OUT.beton")
 

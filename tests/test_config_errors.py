@@ -146,6 +146,15 @@ def test_running_out_of_memory_while_building_a_model_is_not_called_an_unknown_n
         create_vit("vit_base_patch15_224", 224)
 
 
+def test_a_data_path_under_the_home_folder_may_start_with_a_tilde(tmp_path, monkeypatch):
+    from dmt.data import write_sample_images
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_sample_images(tmp_path / "flat", num_images=2, size=32, seed=0)
+    check_files(load_config(REPO / "configs" / "demo.yaml", ["data.path=~/flat"]))
+    with pytest.raises(ConfigError, match="data.path does not exist: ~/nope"):
+        check_files(load_config(REPO / "configs" / "demo.yaml", ["data.path=~/nope"]))
+
+
 def test_a_teacher_the_run_does_not_use_is_not_checked():
     from dmt.build import check_models
     check_models(load_config(REPO / "configs" / "demo.yaml",
