@@ -45,7 +45,7 @@ def placement_worker(rank: int, world: int, port: int, spec: dict, out_dir: str)
     from dmt.placement import build_placement
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     cfg = Config(**spec["cfg"])
-    bank = TeacherBank(cfg.teacher_arch, cfg.img_size)
+    bank = TeacherBank(cfg.teacher_arch, cfg.img_size, off_heap=not cuda)
     kind, t_ranks, m, batch = spec["kind"], spec["teacher_ranks"], spec["m"], spec["batch"]
     is_teacher = kind == "dedicated" and rank >= world - t_ranks
     dtype = DTYPES[cfg.precision]

@@ -26,22 +26,24 @@ class TeacherBank:
     """fp32 teacher encoders built once (seeded), copied per cell: the fast path converts
     its copy, the reference keeps fp32 weights as peers' code does.
 
-    The bank's own weights live in a memory-mapped file, off the heap: on CPUs the memory
-    figure is the heap's peak, which would otherwise count every teacher the bank ever
-    built in every later cell (ViT-T alone once read 0.46 GiB after a 3-teacher cell,
-    0.22 GiB before it)."""
+    off_heap (for CPUs): the bank's own weights live in a memory-mapped temporary file.
+    There the memory figure is the heap's peak, which would otherwise count every teacher
+    the bank ever built in every later cell (ViT-T alone once read 0.46 GiB after a
+    3-teacher cell, 0.22 GiB before it). GPU memory is counted on the GPU: no file."""
 
-    def __init__(self, arch: str, img: int):
+    def __init__(self, arch: str, img: int, off_heap: bool = True):
         from dmt.models import create_encoder
         self.arch, self.img, self.encoders = arch, img, []
-        self._folder = tempfile.TemporaryDirectory(prefix="dmt_teacher_bank_")
+        self._folder = (tempfile.TemporaryDirectory(prefix="dmt_teacher_bank_") if off_heap
+                        else None)
 
         def grow(n):
             while len(self.encoders) < n:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(len(self.encoders))
                     encoder = create_encoder(arch, img).eval()
-                self.encoders.append(self._off_heap(encoder, len(self.encoders)))
+                self.encoders.append(self._off_heap(encoder, len(self.encoders))
+                                     if self._folder else encoder)
         self.grow = grow
 
     def _off_heap(self, encoder: torch.nn.Module, index: int) -> torch.nn.Module:

@@ -235,6 +235,7 @@ def main(argv=None) -> Path:
     out = Path(cfg.out) if cfg.out else RESULTS_DIR / f"throughput_{cfg.preset}_{device.type}.json"
     with exclusive_output(out):
         refuse_to_replace(out, cfg.overwrite)
+        partial_path(out).unlink(missing_ok=True)  # (replaced, with --overwrite): not this run's
         try:
             return measure(cfg, device, out)
         except KeyboardInterrupt:  # Ctrl-C: where the measured cells are, not a traceback
@@ -289,7 +290,7 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
             partial.replace(out)
         return payload
 
-    bank = TeacherBank(cfg.teacher_arch, cfg.img_size)
+    bank = TeacherBank(cfg.teacher_arch, cfg.img_size, off_heap=device.type == "cpu")
     fixed_batch = None if cfg.micro_batch == "auto" else int(cfg.micro_batch)
     if fixed_batch is None and device.type != "cuda":
         raise SystemExit("--micro-batch auto needs a GPU")
@@ -317,14 +318,17 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
     for student_arch, m, source in cells:
         label = f"{SHORT.get(student_arch, student_arch)} + {m} x {SHORT.get(cfg.teacher_arch)}"
         print(f"{label}, data {source}:", flush=True)
+        failed = None
         try:
             rows.extend(measure_cell(cfg, bank, device, choice, student_arch, m, source,
                                      fixed_batch, peak, ref_peak))
         except Exception as err:  # noqa: BLE001  (one cell failing is a result; the rest run)
             traceback.print_exc()
-            print(f"  failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            failed = f"{type(err).__name__}: {str(err)[:500]}"
+        if failed:  # (out of the except: its traceback no longer holds the cell's tensors)
+            print(f"  failed: {failed[:300]}", flush=True)
             failed_cells.append({"student": student_arch, "teachers": m, "data": source,
-                                 "error": f"{type(err).__name__}: {str(err)[:500]}"})
+                                 "error": failed})
             cleanup(device)
         save()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import statistics
 import sys
 import time
 
@@ -51,7 +52,7 @@ class Phases:
         per_step = sorted(1e3 * w + sum(s) for w, s in zip(self.data_wait, self._spans_ms()))
         if not per_step:
             return {}
-        return {"min": round(per_step[0], 3), "median": round(per_step[len(per_step) // 2], 3),
+        return {"min": round(per_step[0], 3), "median": round(statistics.median(per_step), 3),
                 "max": round(per_step[-1], 3), "steps": len(per_step)}
 
     def summary_ms(self) -> dict:

@@ -144,6 +144,10 @@ def test_running_out_of_memory_while_building_a_model_is_not_called_an_unknown_n
     with pytest.raises(ConfigError, match=r"unknown timm architecture 'vit_base_patch15_224' "
                                           r"\(close: .*vit_base_patch16_224"):
         create_vit("vit_base_patch15_224", 224)
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match=r"unknown timm architecture 'vit_tiny_patch16_224.bogus'"
+                                          r": Invalid pretrained tag"):
+        create_vit("vit_tiny_patch16_224.bogus", 224)
 
 
 def test_a_data_path_under_the_home_folder_may_start_with_a_tilde(tmp_path, monkeypatch):

@@ -240,6 +240,19 @@ def test_big_endian_16_bit_greyscale_is_scaled_too():
     assert rgb.shape == (32, 32, 3) and (rgb == np.round(ramp / 257).astype(np.uint8)[..., None]).all()
 
 
+def test_a_16_bit_pgm_that_pil_opens_as_32_bit_is_scaled_not_refused(tmp_path):
+    """PIL opens 16-bit PGM (and, before Pillow 10.3, 16-bit PNG) as mode I: 16-bit data,
+    scaled like I;16, not refused as 32-bit."""
+    from dmt.data.images import open_rgb, probe_image
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp.pgm")
+    with Image.open(tmp_path / "ramp.pgm") as image:
+        assert (image.mode, image.format) == ("I", "PPM")
+    assert probe_image(tmp_path / "ramp.pgm") == (32, 32)
+    rgb = np.asarray(open_rgb(tmp_path / "ramp.pgm"))
+    assert (rgb == np.round(ramp / 257).astype(np.uint8)[..., None]).all()
+
+
 def _png_with_a_broken_second_chunk(source_file) -> bytes:
     """A PNG whose header reads fine but whose image data breaks off into a chunk of no
     valid type: PIL raises SyntaxError ("broken PNG file") while decoding, not opening."""

@@ -186,3 +186,26 @@ def test_make_beton_checks_the_output_path_before_probing(tmp_path, capsys):
         assert make_beton.main([str(src), str(out)]) == 1
         assert message in capsys.readouterr().err
     assert not list(src.rglob(".dmt_probe_cache.json"))  # nothing was probed
+
+
+@pytest.mark.timeout(120)
+def test_the_beton_writer_ends_when_a_worker_is_killed_outright(tmp_path):
+    # FFCV's writer waits forever for a worker that died; one killed by the OOM killer
+    # writes no failure file, so the watcher must see its exit code.
+    import subprocess
+    import sys
+    script = (
+        "import multiprocessing, os, signal, sys, time\n"
+        "from dmt.data.beton import _end_when_a_worker_fails\n"
+        "from dmt.data.beton import _tracked\n"
+        "started = []\n"
+        f"_end_when_a_worker_fails({str(tmp_path / 'failed')!r}, started)\n"
+        "Process = _tracked(multiprocessing.Process, started)\n"
+        "Process(target=time.sleep, args=(60,)).start()  # a worker still busy\n"
+        "Process(target=lambda: os.kill(os.getpid(), signal.SIGKILL)).start()\n"
+        "time.sleep(60)  # FFCV's endless wait\n"
+        "sys.exit(0)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, timeout=100,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 3
+    assert not (tmp_path / "failed").exists()

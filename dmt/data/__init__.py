@@ -27,6 +27,18 @@ BACKENDS = {
 PROBING = {"dali"}  # backends that probe every file up front (dmt.data.probe)
 
 
+def backend_module(backend: str):
+    """The module that implements `backend`; a DataError names what is not installed."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown data backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    module_name, _, package = BACKENDS[backend]
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as error:
+        raise DataError(f"data backend {backend!r} needs {package or error.name} installed "
+                        f"({error})") from error
+
+
 def build_loader(backend: str, path, batch_size: int, image_size: int = 224,
                  crop_scale=(0.2, 1.0), color_jitter=(0.4, 0.4, 0.4), seed: int = 0,
                  rank: int = 0, world_size: int = 1, device="cpu", drop_last: bool = True,
@@ -42,14 +54,7 @@ def build_loader(backend: str, path, batch_size: int, image_size: int = 224,
     the ranks of an initialised process group split the probe. With shard_probe, the
     first dali loader of a folder is a collective: build it on every rank.
     """
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown data backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    module_name, class_name, package = BACKENDS[backend]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise DataError(f"data backend {backend!r} needs {package or error.name} installed "
-                        f"({error})") from error
+    module = backend_module(backend)
     if len(color_jitter) != 3 or min(color_jitter) < 0:
         raise ConfigError(f"data.color_jitter must be 3 non-negative strengths, got {color_jitter}")
     if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
@@ -58,10 +63,10 @@ def build_loader(backend: str, path, batch_size: int, image_size: int = 224,
                     color_jitter=tuple(map(float, color_jitter)), seed=int(seed),
                     mean=tuple(map(float, mean)), std=tuple(map(float, std)))
     probing = {"probe_cache": probe_cache, "shard_probe": shard_probe} if backend in PROBING else {}
-    return getattr(module, class_name)(path, batch_size, spec=spec, seed=seed, rank=rank,
+    return getattr(module, BACKENDS[backend][1])(path, batch_size, spec=spec, seed=seed, rank=rank,
                                        world_size=world_size, device=device,
                                        drop_last=drop_last, num_workers=num_workers, **probing)
 
 
-__all__ = ["build_loader", "write_sample_images", "scan_image_folder", "DualViewLoader",
+__all__ = ["build_loader", "backend_module", "PROBING", "write_sample_images", "scan_image_folder", "DualViewLoader",
            "ViewSpec", "IMAGENET_MEAN", "IMAGENET_STD", "BACKENDS"]

@@ -81,26 +81,40 @@ def _naming_failures(work, failure_file: str):
         try:
             work(*args)
         except BaseException as error:  # noqa: BLE001  (any: FFCV would wait forever)
+            # Written whole, then linked into place: the watcher never reads half a file,
+            # and the first failure wins.
+            draft = f"{failure_file}.{os.getpid()}"
+            with open(draft, "w", encoding="utf-8") as f:
+                json.dump({"file": _CURRENT, "reason": f"{type(error).__name__}: {error}"}, f)
             try:
-                with open(failure_file, "x", encoding="utf-8") as f:  # the first failure wins
-                    json.dump({"file": _CURRENT, "reason": f"{type(error).__name__}: {error}"}, f)
+                os.link(draft, failure_file)
             except FileExistsError:
                 pass
+            os.unlink(draft)
             os._exit(1)
     return job
 
 
-def _end_when_a_worker_fails(failure_file: str) -> None:
-    """FFCV's writer polls its workers' progress forever: end it once one has failed."""
-    import multiprocessing
-
+def _end_when_a_worker_fails(failure_file: str, workers: list) -> None:
+    """FFCV's writer polls its workers' progress forever: end it once one has failed,
+    named its file (failure_file) or not (killed outright, by the OOM killer say)."""
     def watch():
-        while not os.path.exists(failure_file):
+        while not os.path.exists(failure_file) and not any(
+                worker.exitcode not in (None, 0) for worker in list(workers)):
             time.sleep(0.2)
-        for worker in multiprocessing.active_children():
+        for worker in list(workers):
             worker.kill()
         os._exit(3)
     threading.Thread(target=watch, daemon=True).start()
+
+
+def _tracked(process_class, started: list):
+    """process_class, but each started process is also put in `started`."""
+    class Tracked(process_class):
+        def start(self):
+            super().start()
+            started.append(self)
+    return Tracked
 
 
 def _write(out, files, labels, max_side, quality, write_mode, workers, failure_file):
@@ -109,7 +123,9 @@ def _write(out, files, labels, max_side, quality, write_mode, workers, failure_f
 
     ffcv.writer.worker_job_indexed_dataset = _naming_failures(
         ffcv.writer.worker_job_indexed_dataset, failure_file)
-    _end_when_a_worker_fails(failure_file)
+    workers_started = []
+    ffcv.writer.Process = _tracked(ffcv.writer.Process, workers_started)
+    _end_when_a_worker_fails(failure_file, workers_started)
     fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_side,
                                      jpeg_quality=quality),
               "label": IntField()}
@@ -194,15 +210,23 @@ def _write_in_a_fresh_process(out: Path, files, labels, max_side, quality, write
         if done.returncode == 0:
             os.replace(partial, out)
             return None
-        if failure_file.exists():
-            failed = json.loads(failure_file.read_text(encoding="utf-8"))
-            if failed.get("file") in files:
-                return failed["file"], failed["reason"]
+        failed = _read_failure(failure_file)
+        if failed.get("file") in files:
+            return failed["file"], failed["reason"]
+        why = f": {failed['reason']}" if failed.get("reason") else ""
         raise DataError(f"the FFCV writer failed writing {str(out)!r} (exit code "
-                        f"{done.returncode}); {str(out)!r} was left as it was")
+                        f"{done.returncode}{why}); {str(out)!r} was left as it was")
     finally:
         partial.unlink(missing_ok=True)
         failure_file.unlink(missing_ok=True)
+
+
+def _read_failure(failure_file: Path) -> dict:
+    """What a failed writer worker said ({} when none said anything)."""
+    try:
+        return json.loads(failure_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 if __name__ == "__main__":

@@ -14,11 +14,21 @@ UNDECODABLE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, Ty
                       KeyError, Image.DecompressionBombError)
 
 
+# Formats that hold at most 16 bits per sample, though PIL opens them as mode I (32-bit):
+# 16-bit PGM/PPM, and 16-bit PNG on Pillow < 10.3.
+_SIXTEEN_BIT_AS_I = ("PNG", "PPM")
+
+
+def _is_16_bit(image: Image.Image) -> bool:
+    return image.mode.startswith("I;16") or (image.mode == "I"
+                                             and image.format in _SIXTEEN_BIT_AS_I)
+
+
 def check_pixel_format(image: Image.Image) -> None:
     """Raises ValueError for 32-bit float (mode F) or integer (mode I) pixels. PIL's
     conversion clips them (all black or all white) and DALI cannot decode 32-bit TIFFs:
     refused here, every backend leaves such a file out as undecodable, saying why."""
-    if image.mode in ("F", "I"):
+    if image.mode in ("F", "I") and not _is_16_bit(image):
         kind = "floating-point" if image.mode == "F" else "integer"
         raise ValueError(f"unsupported pixel format: 32-bit {kind} (PIL mode {image.mode}); "
                          "convert such images to 8 or 16 bits")
@@ -31,7 +41,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     check_pixel_format(image)
-    if image.mode.startswith("I;16"):
+    if _is_16_bit(image):
         wide = np.asarray(image).astype(np.float32)
         image = Image.fromarray((wide / 257.0 + 0.5).astype(np.uint8), "L")
     if image.mode in ("P", "PA") and "transparency" in image.info:

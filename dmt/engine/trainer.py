@@ -23,7 +23,7 @@ import torch.distributed as dist
 from dmt.build import (DTYPES, build_data, build_method, build_student, build_teachers,
                        uses_sample_images)
 from dmt.config import batch_arithmetic, dump_config, flatten, run_directory, student_ranks
-from dmt.data import write_sample_images
+from dmt.data import PROBING, backend_module, write_sample_images
 from dmt.engine import checkpoint as ckpt
 from dmt.engine.distributed import (DistInfo, any_rank, barrier, check_same_on_every_rank,
                                     fail_together, skip_lone_allreduce)
@@ -172,8 +172,7 @@ def _train(cfg: dict, info: DistInfo, launch: Launch, run_lock: ExclusiveLock | 
         teachers, method = _build_models(cfg, info, launch.dp_world, log)
     placement = _build_placement(cfg, method, info)  # (collective: it makes process groups)
     data_path = _prepare_data_path(cfg, launch.run_dir, info)
-    with fail_together(info.device):
-        loaders = _build_loaders(cfg, placement, data_path, info)
+    loaders = _build_loaders(cfg, placement, data_path, info)
     check_same_on_every_rank({"data samples": loaders[0].num_samples}, info.device,
                              f"Every rank must read the same data set ({data_path}): a node "
                              "with an incomplete or other copy of it?")
@@ -309,12 +308,23 @@ def _build_loaders(cfg: dict, placement, data_path, info: DistInfo) -> list:
     dedicated teacher rank reads the shard of each student it serves."""
     shards = (placement.data_shards if placement.role == "teacher"
               else [(placement.data_rank, placement.data_world_size)])
-    try:
-        return [build_data(cfg, data_path, info.device, rank, world_size)
-                for rank, world_size in shards]
-    except DataError as err:  # name the run's data and batch, which the loader cannot know
-        raise DataError(f"data.path {data_path} (backend {cfg['data']['backend']}, "
-                        f"optim.global_batch {cfg['optim']['global_batch']}): {err}") from None
+    backend = cfg["data"]["backend"]
+
+    def build() -> list:
+        try:
+            return [build_data(cfg, data_path, info.device, rank, world_size)
+                    for rank, world_size in shards]
+        except DataError as err:  # name the run's data and batch, which the loader cannot know
+            raise DataError(f"data.path {data_path} (backend {backend}, optim.global_batch "
+                            f"{cfg['optim']['global_batch']}): {err}") from None
+
+    # A rank failing alone (its node lacks the data or the backend's library) stops every
+    # rank. A probing backend's loader holds a collective, the probe, which shares its own
+    # failures: there only the import before it is guarded here.
+    with fail_together(info.device):
+        backend_module(backend)
+        loaders = None if backend in PROBING else build()
+    return loaders if loaders is not None else build()
 
 
 def _schedule(cfg: dict, loader, accum: int) -> Schedule:

@@ -36,6 +36,10 @@ def create_vit(arch: str, img_size: int = 224, check_tiling: bool = True, **kwar
     try:
         model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size,
                                   **kwargs)
+    except RuntimeError as err:  # a known name with an unknown tag: "Invalid pretrained tag"
+        if "pretrained tag" not in str(err) and "Unknown model" not in str(err):
+            raise  # out of memory, say: not a naming problem
+        raise ConfigError(f"unknown timm architecture '{arch}': {err}") from err
     except TypeError as err:  # a CNN, say: no img_size / drop_path_rate arguments
         raise ConfigError(f"timm architecture '{arch}' is not a Vision Transformer dmt can "
                           f"use ({err})") from err
