@@ -81,7 +81,8 @@ class _Collate:
             if not isinstance(sample, _Undecodable):
                 return sample
         raise DataError(f"every image of a batch is undecodable, and so are the files after "
-                        f"{first.path} that could stand in for them")
+                        f"{first.path} that could stand in for them: list every bad file "
+                        "with launch/make_beton.py or data.backend=dali, and remove them")
 
     def __call__(self, samples):
         bad = [s for s in samples if isinstance(s, _Undecodable)]
@@ -148,7 +149,7 @@ class TorchFolderLoader(DualViewLoader):
     def _epoch_batches(self, epoch, batches):
         self._sampler.keys = [[(epoch, int(i)) for i in row] for row in batches]
         served = 0
-        for served, batch in enumerate(self._dataloader, 1):
+        for served, batch in enumerate(_own_words(self._dataloader), 1):
             for path, reason in batch["skipped"]:
                 self._note_skipped(path, reason)
             if "crops" in batch:  # CUDA: flip, jitter, normalise on the GPU
@@ -161,6 +162,18 @@ class TorchFolderLoader(DualViewLoader):
         if served < len(batches):  # DataLoader ends quietly when its workers were shut down
             raise DataError(f"epoch {epoch} ended after {served} of {len(batches)} batches: "
                             "the loader was closed while it was being iterated")
+
+
+def _own_words(batches):
+    """The batches; a DataError a worker raised comes with its own message, not torch's
+    "Caught DataError in DataLoader worker process 0. Original Traceback ..." around it."""
+    try:
+        yield from batches
+    except DataError as err:
+        text = str(err)
+        if "Original Traceback" not in text:
+            raise
+        raise DataError(text.strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
 
 _OPEN = weakref.WeakSet()  # loaders with worker processes
