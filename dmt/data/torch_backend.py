@@ -86,7 +86,10 @@ class _Collate:
 
     def __call__(self, samples):
         bad = [s for s in samples if isinstance(s, _Undecodable)]
-        pool = samples if len(bad) < len(samples) else [*samples, self._stand_in(samples[0])]
+        try:
+            pool = samples if len(bad) < len(samples) else [*samples, self._stand_in(samples[0])]
+        except DataError as err:  # raised in a worker, torch would wrap it in its traceback
+            return {"error": str(err)}
         good = [i for i, s in enumerate(pool) if not isinstance(s, _Undecodable)]
         # Deterministic stand-in: the next decodable sample of this batch (cyclic).
         filled = [pool[min(good, key=lambda j: (j - i) % len(pool))]
@@ -149,7 +152,9 @@ class TorchFolderLoader(DualViewLoader):
     def _epoch_batches(self, epoch, batches):
         self._sampler.keys = [[(epoch, int(i)) for i in row] for row in batches]
         served = 0
-        for served, batch in enumerate(_own_words(self._dataloader), 1):
+        for served, batch in enumerate(self._dataloader, 1):
+            if "error" in batch:  # said by the main process: one line, not a worker traceback
+                raise DataError(batch["error"])
             for path, reason in batch["skipped"]:
                 self._note_skipped(path, reason)
             if "crops" in batch:  # CUDA: flip, jitter, normalise on the GPU
@@ -162,18 +167,6 @@ class TorchFolderLoader(DualViewLoader):
         if served < len(batches):  # DataLoader ends quietly when its workers were shut down
             raise DataError(f"epoch {epoch} ended after {served} of {len(batches)} batches: "
                             "the loader was closed while it was being iterated")
-
-
-def _own_words(batches):
-    """The batches; a DataError a worker raised comes with its own message, not torch's
-    "Caught DataError in DataLoader worker process 0. Original Traceback ..." around it."""
-    try:
-        yield from batches
-    except DataError as err:
-        text = str(err)
-        if "Original Traceback" not in text:
-            raise
-        raise DataError(text.strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
 
 _OPEN = weakref.WeakSet()  # loaders with worker processes
