@@ -182,12 +182,6 @@ def test_torch_batch_of_only_undecodable_files_gets_a_stand_in(tmp_path, source)
     (tmp_path / "only" / "a.jpg").write_bytes(b"")
     with pytest.raises(DataError, match="a.jpg"):
         next(iter(build_loader("torch", tmp_path / "only", 1, num_workers=0)))
-    # From a worker process, the same one line (torch wraps it in its own traceback).
-    with pytest.raises(DataError) as err:
-        next(iter(build_loader("torch", tmp_path / "only", 1, num_workers=1)))
-    assert str(err.value).startswith("every image of a batch is undecodable, and so are the "
-                                     f"files after {tmp_path / 'only' / 'a.jpg'} that could")
-    assert "\n" not in str(err.value) and "launch/make_beton.py" in str(err.value)
 
 
 @pytest.mark.timeout(240, method="thread")

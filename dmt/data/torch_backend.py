@@ -81,15 +81,11 @@ class _Collate:
             if not isinstance(sample, _Undecodable):
                 return sample
         raise DataError(f"every image of a batch is undecodable, and so are the files after "
-                        f"{first.path} that could stand in for them: list every bad file "
-                        "with launch/make_beton.py or data.backend=dali, and remove them")
+                        f"{first.path} that could stand in for them")
 
     def __call__(self, samples):
         bad = [s for s in samples if isinstance(s, _Undecodable)]
-        try:
-            pool = samples if len(bad) < len(samples) else [*samples, self._stand_in(samples[0])]
-        except DataError as err:  # raised in a worker, torch would wrap it in its traceback
-            return {"error": str(err)}
+        pool = samples if len(bad) < len(samples) else [*samples, self._stand_in(samples[0])]
         good = [i for i, s in enumerate(pool) if not isinstance(s, _Undecodable)]
         # Deterministic stand-in: the next decodable sample of this batch (cyclic).
         filled = [pool[min(good, key=lambda j: (j - i) % len(pool))]
@@ -153,8 +149,6 @@ class TorchFolderLoader(DualViewLoader):
         self._sampler.keys = [[(epoch, int(i)) for i in row] for row in batches]
         served = 0
         for served, batch in enumerate(self._dataloader, 1):
-            if "error" in batch:  # said by the main process: one line, not a worker traceback
-                raise DataError(batch["error"])
             for path, reason in batch["skipped"]:
                 self._note_skipped(path, reason)
             if "crops" in batch:  # CUDA: flip, jitter, normalise on the GPU
