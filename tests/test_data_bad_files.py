@@ -3,6 +3,8 @@ greyscale, CMYK and RGBA images decode to RGB; empty or missing paths are one er
 import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -182,6 +184,25 @@ def test_torch_batch_of_only_undecodable_files_gets_a_stand_in(tmp_path, source)
     (tmp_path / "only" / "a.jpg").write_bytes(b"")
     with pytest.raises(DataError, match="a.jpg"):
         next(iter(build_loader("torch", tmp_path / "only", 1, num_workers=0)))
+
+
+def test_worker_data_error_reaches_the_user_in_its_own_words_and_the_process_exits(tmp_path):
+    # Raised in a DataLoader worker, torch re-raises it wrapped in "Caught DataError in
+    # DataLoader worker process 0 ... Original Traceback". In a child process: a persistent
+    # worker left behind would hang its exit, which is part of what is checked.
+    (tmp_path / "a.jpg").write_bytes(b"")
+    script = (f"from dmt.data import build_loader\n"
+              f"from dmt.errors import DataError\n"
+              f"try:\n"
+              f"    next(iter(build_loader('torch', {str(tmp_path)!r}, 1, num_workers=1)))\n"
+              f"except DataError as err:\n"
+              f"    print(err)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    expected = (f"every image of a batch is undecodable, and so are the files after "
+                f"{tmp_path / 'a.jpg'} that could stand in for them")
+    assert done.stdout.strip() == expected
 
 
 @pytest.mark.timeout(240, method="thread")

@@ -148,7 +148,7 @@ class TorchFolderLoader(DualViewLoader):
     def _epoch_batches(self, epoch, batches):
         self._sampler.keys = [[(epoch, int(i)) for i in row] for row in batches]
         served = 0
-        for served, batch in enumerate(self._dataloader, 1):
+        for served, batch in enumerate(_in_own_words(self._dataloader), 1):
             for path, reason in batch["skipped"]:
                 self._note_skipped(path, reason)
             if "crops" in batch:  # CUDA: flip, jitter, normalise on the GPU
@@ -161,6 +161,20 @@ class TorchFolderLoader(DualViewLoader):
         if served < len(batches):  # DataLoader ends quietly when its workers were shut down
             raise DataError(f"epoch {epoch} ended after {served} of {len(batches)} batches: "
                             "the loader was closed while it was being iterated")
+
+
+def _in_own_words(batches):
+    """Batches of a DataLoader, whose workers' DataErrors torch re-raises here wrapped as
+    "Caught DataError in DataLoader worker process N. Original Traceback ...": the user
+    gets the worker's message alone."""
+    try:
+        yield from batches
+    except DataError as err:
+        marker = f"{type(err).__module__}.{type(err).__qualname__}: "
+        text = str(err)
+        if text.startswith("Caught ") and marker in text:
+            err.args = (text.rsplit(marker, 1)[1].rstrip(),)
+        raise
 
 
 _OPEN = weakref.WeakSet()  # loaders with worker processes
