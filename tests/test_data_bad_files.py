@@ -1,5 +1,6 @@
 """Bad data: corrupt, truncated, zero-byte and non-image files are skipped and named;
 greyscale, CMYK and RGBA images decode to RGB; empty or missing paths are one error."""
+import importlib.util
 import logging
 import os
 import shutil
@@ -319,6 +320,33 @@ def test_files_pil_rejects_with_syntax_or_value_errors_are_skipped_and_named(tmp
     for name in broken:
         assert any(str(tmp_path / name) in r.getMessage() and "skipping" in r.getMessage()
                    for r in caplog.records), name
+
+
+def test_content_in_a_format_dmt_does_not_read_is_skipped_by_every_backend(tmp_path, source, caplog):
+    """A GIF or an icon saved under a .jpg/.png name decodes in PIL but stops a DALI
+    pipeline mid-run: every backend skips it, naming its format. A JPEG named .png is
+    read (the content decides, not the name)."""
+    from dmt.data.images import probe_one
+    square, files = source
+    for i, f in enumerate(files[:3]):
+        shutil.copy(f, tmp_path / f"good{i}.jpg")
+    square.save(tmp_path / "photo.png", format="JPEG")
+    square.convert("P").save(tmp_path / "anim.jpg", format="GIF")
+    square.save(tmp_path / "icon.png", format="ICO")
+    refused = {"anim.jpg": "GIF", "icon.png": "ICO"}
+    for name, kind in refused.items():
+        assert probe_one(tmp_path / name)[1].startswith(f"ValueError: {kind} content"), name
+    readable = ["good0.jpg", "good1.jpg", "good2.jpg", "photo.png"]
+    loader = build_loader("torch", tmp_path, 2, image_size=32, num_workers=0, drop_last=False)
+    with caplog.at_level(logging.WARNING, logger="dmt.data"):
+        served = {loader.folder.files[i].name for b in loader for i in b["index"].tolist()}
+    assert sorted(served) == readable
+    assert set(loader.skipped_files) == {str(tmp_path / name) for name in refused}
+    if importlib.util.find_spec("nvidia.dali") is not None:  # its own test is the crash
+        dali = build_loader("dali", tmp_path, 2, image_size=32, drop_last=False)
+        assert sorted(dali.files[i].rsplit("/", 1)[1] for b in dali
+                      for i in b["index"].tolist()) == readable
+        assert set(dali.skipped_files) == set(loader.skipped_files)
 
 
 @pytest.mark.timeout(60)

@@ -24,6 +24,22 @@ def _is_16_bit(image: Image.Image) -> bool:
                                              and image.format in _SIXTEEN_BIT_AS_I)
 
 
+# What the content of a file may be, whatever its name says: the formats of the listed
+# extensions (dmt.data.folder) that DALI decodes too, plus the JPEG variants MPO (camera
+# multi-picture JPEG) and JPEG 2000. A GIF, ICO or TGA saved as .jpg decodes in PIL but
+# stops a DALI pipeline mid-run: refused by every backend, so they all serve the same files.
+READABLE_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000")
+
+
+def check_readable(image: Image.Image) -> None:
+    """Raises ValueError for a file whose content is not one of READABLE_FORMATS or whose
+    pixels are 32-bit (check_pixel_format)."""
+    if image.format not in READABLE_FORMATS:
+        raise ValueError(f"{image.format or 'unknown'} content, whatever the file name says: "
+                         f"dmt reads {', '.join(READABLE_FORMATS)}; convert the file")
+    check_pixel_format(image)
+
+
 def check_pixel_format(image: Image.Image) -> None:
     """Raises ValueError for 32-bit float (mode F) or integer (mode I) pixels. PIL's
     conversion clips them (all black or all white) and DALI cannot decode 32-bit TIFFs:
@@ -52,6 +68,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def open_rgb(path) -> Image.Image:
     """Fully decoded RGB image; raises one of UNDECODABLE_ERRORS for a bad file."""
     with Image.open(path) as image:
+        check_readable(image)
         image.load()
         return to_rgb(image)
 
@@ -64,11 +81,11 @@ def probe_image(path) -> tuple:
     byte but skips most of the arithmetic, so the check costs a fraction of a decode.
     """
     with Image.open(path) as image:
+        check_readable(image)
         width, height = image.size
         if image.format == "JPEG":
             image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
         image.load()
-        check_pixel_format(image)
     if width < 1 or height < 1:
         raise ValueError("image has no pixels")
     return height, width
