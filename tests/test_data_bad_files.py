@@ -349,6 +349,47 @@ def test_content_in_a_format_dmt_does_not_read_is_skipped_by_every_backend(tmp_p
         assert set(dali.skipped_files) == set(loader.skipped_files)
 
 
+def _png_with_a_wrong_checksum(source_file, chunk: bytes) -> bytes:
+    """A PNG whose pixels are intact but whose `chunk` (IDAT, or a tEXt added after the
+    image data, where PIL does not look) has a wrong CRC."""
+    import io
+    import struct
+    import zlib
+    buffer = io.BytesIO()
+    Image.open(source_file).convert("RGB").save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    if chunk == b"tEXt":
+        body = b"Comment\0hello"
+        crc = zlib.crc32(b"tEXt" + body) ^ 1
+        at = data.index(b"IEND") - 4
+        data[at:at] = struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", crc)
+    at = data.index(chunk)
+    end = at + 4 + struct.unpack(">I", data[at - 4:at])[0]
+    if chunk == b"IDAT":
+        data[end] ^= 0xFF
+    return bytes(data)
+
+
+def test_a_png_failing_a_critical_checksum_is_skipped_by_every_backend(tmp_path, source):
+    """PIL decodes a PNG whose IDAT fails its CRC, libpng (DALI) stops the pipeline on it:
+    every backend skips it. A wrong CRC on an ancillary chunk (libpng ignores it) is fine."""
+    from dmt.data.images import probe_one
+    _, files = source
+    for i, f in enumerate(files[:2]):
+        shutil.copy(f, tmp_path / f"good{i}.jpg")
+    (tmp_path / "idat.png").write_bytes(_png_with_a_wrong_checksum(files[0], b"IDAT"))
+    (tmp_path / "text.png").write_bytes(_png_with_a_wrong_checksum(files[0], b"tEXt"))
+    assert "PNG chunk IDAT at byte" in probe_one(tmp_path / "idat.png")[1]
+    assert probe_one(tmp_path / "text.png")[1] is None
+    loader = build_loader("torch", tmp_path, 1, image_size=32, num_workers=0, drop_last=False)
+    served = {loader.folder.files[i].name for b in loader for i in b["index"].tolist()}
+    assert served == {"good0.jpg", "good1.jpg", "text.png"}
+    assert loader.skipped_files == [str(tmp_path / "idat.png")]
+    if importlib.util.find_spec("nvidia.dali") is not None:  # its own test is the crash
+        dali = build_loader("dali", tmp_path, 1, image_size=32, drop_last=False)
+        assert len(list(dali)) == 3 and dali.skipped_files == loader.skipped_files
+
+
 @pytest.mark.timeout(60)
 def test_linked_folders_are_read_once(tmp_path, caplog):
     from dmt.data.folder import scan_image_folder

@@ -5,6 +5,9 @@ dmt.data.probe: sharded across ranks, cached) and the .beton writer, which canno
 a file once their pipelines run.
 """
 
+import struct
+import zlib
+
 import numpy as np
 from PIL import Image
 
@@ -40,6 +43,26 @@ def check_readable(image: Image.Image) -> None:
     check_pixel_format(image)
 
 
+def check_png_checksums(path) -> None:
+    """Raises ValueError when a critical chunk of a PNG (IHDR, PLTE, IDAT, IEND) fails its
+    CRC: PIL decodes such a file without checking, libpng (DALI) stops the pipeline on it."""
+    with open(path, "rb") as f:
+        data = memoryview(f.read())
+    at = 8  # after the signature
+    while at + 12 <= len(data):
+        size, kind = struct.unpack(">I4s", data[at:at + 8])
+        end = at + 8 + size
+        if end + 4 > len(data):
+            return  # cut short: the decode says so
+        critical = not kind[0] & 0x20  # an upper-case first letter
+        if critical and zlib.crc32(data[at + 4:end]) != struct.unpack(">I", data[end:end + 4])[0]:
+            raise ValueError(f"PNG chunk {kind.decode('latin-1')} at byte {at} fails its CRC "
+                             "check: the file is corrupt")
+        if kind == b"IEND":
+            return
+        at = end + 4
+
+
 def check_pixel_format(image: Image.Image) -> None:
     """Raises ValueError for 32-bit float (mode F) or integer (mode I) pixels. PIL's
     conversion clips them (all black or all white) and DALI cannot decode 32-bit TIFFs:
@@ -70,6 +93,8 @@ def open_rgb(path) -> Image.Image:
     with Image.open(path) as image:
         check_readable(image)
         image.load()
+        if image.format == "PNG":
+            check_png_checksums(path)
         return to_rgb(image)
 
 
@@ -86,6 +111,8 @@ def probe_image(path) -> tuple:
         if image.format == "JPEG":
             image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
         image.load()
+        if image.format == "PNG":
+            check_png_checksums(path)
     if width < 1 or height < 1:
         raise ValueError("image has no pixels")
     return height, width
