@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from dmt.data.augment import (IMAGENET_MEAN, IMAGENET_STD, ViewSpec, color_jitter_, crop_boxes,
-                              flips, jitter_factors, make_views, normalize)
+from dmt.data.augment import (IMAGENET_MEAN, IMAGENET_STD, JITTER_ORDERS, ViewSpec, color_jitter,
+                              crop_boxes, flips, jitter_factors, jitter_orders, make_views,
+                              normalize)
 from dmt.data.folder import scan_image_folder
 from dmt.data.rng import hash64, uniform
 from dmt.data.sampling import ShardedEpochs
@@ -207,17 +208,39 @@ def test_jitter_factors_ranges():
     assert 0.45 < flips(ViewSpec(), 0, np.arange(4000)).mean() < 0.55
 
 
-def test_color_jitter_matches_torchvision():
+def test_color_jitter_matches_torchvision_in_each_images_order():
     import torchvision.transforms.v2.functional as TF
-    x = torch.rand(4, 3, 20, 24)
-    factors = torch.tensor([[0.7, 1.3, 0.6], [1.4, 0.6, 1.4], [1.0, 1.0, 1.0], [1.2, 0.8, 0.0]])
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    x = torch.rand(12, 3, 20, 24)
+    factors = 0.6 + 0.8 * torch.rand(12, 3)
+    factors[2] = 1.0
+    factors[5, 2] = 0.0  # fully grey
+    orders = np.array([0, 5, 3, 1, 1, 4, 2, 0, 5, 3, 4, 2])
     expected = []
-    for img, (b, c, s) in zip(x, factors.tolist()):
-        img = TF.adjust_brightness(img, b)
-        img = TF.adjust_contrast(img, c)
-        expected.append(TF.adjust_saturation(img, s))
-    got = color_jitter_(x.clone(), factors)
+    for img, f, k in zip(x, factors.tolist(), orders):
+        for op in JITTER_ORDERS[k]:
+            img = adjust[op](img, f[op])
+        expected.append(img)
+    got = color_jitter(x.clone(), factors, orders)
     assert torch.allclose(got, torch.stack(expected), atol=1e-5)
+    # The order matters (else the test above could not tell): brightness 1.4 clips
+    # before contrast 0.6 pulls to the mean, and not after.
+    bright_first = color_jitter(x[:1].clone(), torch.tensor([[1.4, 0.6, 1.0]]), np.array([0]))
+    contrast_first = color_jitter(x[:1].clone(), torch.tensor([[1.4, 0.6, 1.0]]),
+                                  np.array([JITTER_ORDERS.index((1, 0, 2))]))
+    assert (bright_first - contrast_first).abs().max() > 0.05
+
+
+def test_jitter_orders_are_drawn_uniformly_and_independently():
+    """torchvision's ColorJitter shuffles the three operations per image: each of the
+    six orders about equally often, and not tied to the factors."""
+    spec, idx = ViewSpec(), np.arange(6000)
+    orders = jitter_orders(spec, 0, idx)
+    counts = np.bincount(orders, minlength=len(JITTER_ORDERS))
+    assert len(counts) == 6 and counts.min() > 850 and counts.max() < 1150, counts
+    factors = jitter_factors(spec, 0, idx)
+    assert max(abs(np.corrcoef(orders, factors[:, k])[0, 1]) for k in range(3)) < 0.1
+    assert np.mean(orders == jitter_orders(spec, 1, idx)) < 0.25  # new every epoch
 
 
 def test_make_views_flip_both_views_and_normalise():

@@ -10,6 +10,7 @@ Every random parameter is a function of (seed, epoch, sample index) alone
 (dmt.data.rng), so a sample looks the same whatever the worker count or resume point.
 """
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -25,7 +26,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Independent random streams per parameter (the 4th hash coordinate).
 _CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop
 _AREA, _LOG_RATIO, _TOP, _LEFT = 0, 16, 32, 48
-_FLIP, _BRIGHTNESS, _CONTRAST, _SATURATION = 64, 65, 66, 67
+_FLIP, _BRIGHTNESS, _CONTRAST, _SATURATION, _JITTER_ORDER = 64, 65, 66, 67, 68
+
+# The orders colour jitter can apply brightness (0), contrast (1) and saturation (2) in:
+# torchvision's ColorJitter draws one uniformly per image.
+JITTER_ORDERS = tuple(itertools.permutations(range(3)))
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = (0.2989, 0.587, 0.114)
@@ -113,20 +118,50 @@ def _luma(x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bc...,c->b...", x, weights).unsqueeze(1)
 
 
-def color_jitter_(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Brightness, then contrast, then saturation, with torchvision's formulas, in place.
+def jitter_orders(spec: ViewSpec, epoch: int, indices) -> np.ndarray:
+    """int64 [B]: for each sample, which of JITTER_ORDERS its colour jitter runs in."""
+    idx = np.asarray(indices, dtype=np.int64)
+    u = uniform(spec.seed, epoch, idx, _JITTER_ORDER)
+    return np.minimum((u * len(JITTER_ORDERS)).astype(np.int64), len(JITTER_ORDERS) - 1)
 
-    x: float [B, 3, H, W] in [0, 1]; factors: [B, 3]. Fixed order (torchvision
-    shuffles it per call); per-image factors come from `jitter_factors`.
-    """
-    f = factors.to(x.device, x.dtype)[:, :, None, None, None]
-    brightness, contrast, saturation = f[:, 0], f[:, 1], f[:, 2]
-    x.mul_(brightness).clamp_(0, 1)
+
+def _brightness_(x: torch.Tensor, factor: torch.Tensor) -> None:
+    x.mul_(factor).clamp_(0, 1)
+
+
+def _contrast_(x: torch.Tensor, factor: torch.Tensor) -> None:
     # The mean grey level is the grey level of the channel means (it is linear).
     mean_luma = _luma(x.mean(dim=(-2, -1)))[:, :, None, None]
-    x.mul_(contrast).add_((1 - contrast) * mean_luma).clamp_(0, 1)
+    x.mul_(factor).add_((1 - factor) * mean_luma).clamp_(0, 1)
+
+
+def _saturation_(x: torch.Tensor, factor: torch.Tensor) -> None:
     grey = _luma(x)  # before the in-place blend below
-    return x.mul_(saturation).add_((1 - saturation) * grey).clamp_(0, 1)
+    x.mul_(factor).add_((1 - factor) * grey).clamp_(0, 1)
+
+
+_JITTER_OPS = (_brightness_, _contrast_, _saturation_)
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, orders: np.ndarray) -> torch.Tensor:
+    """Brightness, contrast and saturation with torchvision's formulas, each image in its
+    own order, as torchvision's ColorJitter.
+
+    x: float [B, 3, H, W] in [0, 1], consumed; factors: [B, 3] (`jitter_factors`);
+    orders: int [B] on the host (`jitter_orders`). Images are grouped by order, so each
+    group is one contiguous slice and each operation one batched call per order.
+    """
+    by_order = np.argsort(orders, kind="stable")
+    starts = np.searchsorted(orders[by_order], np.arange(len(JITTER_ORDERS) + 1))
+    rows = to_device(by_order, x.device)
+    grouped = x.index_select(0, rows)
+    f = factors.to(x.device, x.dtype).index_select(0, rows)[:, :, None, None, None]
+    for order, lo, hi in zip(JITTER_ORDERS, starts[:-1].tolist(), starts[1:].tolist()):
+        if lo == hi:
+            continue
+        for op in order:
+            _JITTER_OPS[op](grouped[lo:hi], f[lo:hi, op])
+    return x.index_copy_(0, rows, grouped)
 
 
 @functools.lru_cache(maxsize=64)
@@ -157,4 +192,5 @@ def make_views(crops: torch.Tensor, spec: ViewSpec, epoch: int, indices) -> tupl
     if not any(spec.color_jitter):
         return teacher, teacher.clone()
     factors = to_device(jitter_factors(spec, epoch, indices), x.device)
-    return teacher, normalize(color_jitter_(x, factors), spec.mean, spec.std)
+    student = color_jitter(x, factors, jitter_orders(spec, epoch, indices))
+    return teacher, normalize(student, spec.mean, spec.std)
