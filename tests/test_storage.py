@@ -317,3 +317,19 @@ def test_the_random_state_round_trips():
     ckpt.set_rng_state(state)
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert draws[:2] == again[:2] and torch.equal(draws[2], again[2])
+
+
+def test_log_lines_stay_whole_in_a_log_file(tmp_path, capsys):
+    """Not a terminal (a job's log file): a message is one line, whatever its length, so
+    grep finds it; the summary table wraps a long path in its cell rather than cut it."""
+    log = RunLogger(tmp_path, 10, enabled=True, progress=False, tensorboard=False,
+                    metrics=False)
+    message = "resumed from " + "/a-long-folder" * 20 + " at step 2"
+    log.info(message)
+    log.warn(message)
+    assert capsys.readouterr().out.splitlines() == [message, f"WARNING {message}"]
+    path = "/runs/" + "x" * 150 + "/demo"
+    log.summary({"run directory": path, "steps": "6 / 6"})
+    table = capsys.readouterr().out
+    assert max(len(line) for line in table.splitlines()) <= 80
+    assert path in "".join(c for c in table if c not in " │\n")

@@ -43,7 +43,9 @@ class RunLogger:
     def __init__(self, run_dir: Path, total_steps: int, enabled: bool, progress: bool,
                  tensorboard: bool, start_step: int = 0, metrics: bool = True):
         self.enabled = enabled
-        self.console = Console()
+        # soft_wrap: a message stays one line (a terminal wraps it itself), so a job's log
+        # file can be searched for it; rich would break it at 80 columns there.
+        self.console = Console(soft_wrap=True)
         self.progress = None
         self.tb = None
         self.metrics = None
@@ -106,10 +108,10 @@ class RunLogger:
         self.close_progress()
         table = Table(title="dmt run summary", show_header=False, title_justify="left")
         table.add_column(style="bold")
-        table.add_column()
+        table.add_column(overflow="fold")  # a long path wraps in its cell, whole
         for key, value in rows.items():
             table.add_row(key, str(value))
-        self.console.print(table)
+        self.console.print(table, soft_wrap=False)
 
     def close_progress(self) -> None:
         if self.progress is not None:
