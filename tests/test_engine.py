@@ -103,6 +103,9 @@ def test_zero3_matches_stage0_and_exports(tmp_path, images):
         # The printed call is the one _timm_load makes: the run's arch and img_size.
         assert ("timm.create_model('vit_tiny_patch16_224', img_size=32, num_classes=0)"
                 in done.stdout), done.stdout
+        # Readable as any new file is (safetensors' own writer made it private).
+        (tmp_path / "plain").touch()
+        assert out.stat().st_mode == (tmp_path / "plain").stat().st_mode
         if out.suffix == ".safetensors":
             from safetensors.torch import load_file
             state = load_file(str(out))

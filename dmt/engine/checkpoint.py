@@ -477,16 +477,19 @@ def export_student(ckpt_dir: Path, out: Path) -> Path:
     state = backbone_state_dict(consolidated_student_state(ckpt_dir))
     state = {k: v.contiguous() for k, v in state.items()}
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix == ".safetensors":
-            save_file(state, str(tmp))
-        else:
-            torch.save(state, tmp)
+        # Opened here, so the file gets the mode of any new file (0o666 minus the umask):
+        # safetensors' save_file makes it private, which others on a shared disk cannot read.
+        with open(tmp, "wb") as f:
+            if out.suffix == ".safetensors":
+                f.write(save(state))
+            else:
+                torch.save(state, f)
         os.replace(tmp, out)
     except (OSError, RuntimeError, SafetensorError) as err:
         tmp.unlink(missing_ok=True)
