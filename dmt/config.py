@@ -210,6 +210,13 @@ def _teacher_entry(entry: Any, index: int) -> dict:
     return full
 
 
+def _spelling_hint(value: Any) -> str:
+    """For 'nan' or 'inf' given where a number belongs: YAML reads those as text."""
+    if isinstance(value, str) and value.strip().lstrip("+-").lower() in ("nan", "inf", "infinity"):
+        return " (YAML reads nan and inf as text; a number is needed)"
+    return ""
+
+
 def _type_ok(value: Any, expected: tuple[type, ...]) -> bool:
     if isinstance(value, bool):  # bool is an int in Python; never accept it for numbers
         return bool in expected
@@ -275,7 +282,9 @@ def _check_values(flat: dict, defaults: dict) -> None:
             if not _type_ok(value, expected):
                 names = " or ".join(t.__name__ for t in expected)
                 raise ConfigError(f"config key '{key}' must be {names}, got {value!r} "
-                                  f"({type(value).__name__})")
+                                  f"({type(value).__name__}){_spelling_hint(value)}")
+        if isinstance(value, float) and not math.isfinite(value):  # inf passes "positive"
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
         if key in _CHOICES and value not in _CHOICES[key]:
             raise ConfigError(f"config key '{key}' must be one of {_CHOICES[key]}, got {value!r}")
         if key in _AT_LEAST and value is not None and value < _AT_LEAST[key]:
@@ -284,8 +293,10 @@ def _check_values(flat: dict, defaults: dict) -> None:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
     for key, length in (("data.crop_scale", 2), ("data.color_jitter", 3), ("optim.betas", 2)):
         value = flat[key]
-        if len(value) != length or not all(_type_ok(v, (float, int)) for v in value):
-            raise ConfigError(f"config key '{key}' must be a list of {length} numbers, got {value}")
+        if len(value) != length or not all(_type_ok(v, (float, int)) and math.isfinite(v)
+                                           for v in value):
+            raise ConfigError(f"config key '{key}' must be a list of {length} finite numbers, "
+                              f"got {value}")
 
 
 def _check_method_and_runtime(cfg: dict) -> None:
@@ -312,7 +323,7 @@ def _check_teacher_entries(cfg: dict) -> None:
             if not _type_ok(t[field], types):
                 raise ConfigError(f"teachers[{i}].{field} must be "
                                   f"{' or '.join(x.__name__ for x in types if x is not type(None))}"
-                                  f", got {t[field]!r}")
+                                  f", got {t[field]!r}{_spelling_hint(t[field])}")
     names = [t["name"] for t in cfg["teachers"]]
     if len(set(names)) != len(names):
         raise ConfigError(f"teacher names must be unique, got {names}")

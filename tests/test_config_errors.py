@@ -109,6 +109,22 @@ def test_bad_ranges_and_choices_are_named_with_their_key(override, message):
 
 
 @pytest.mark.parametrize("override, message", [
+    # An infinite rate passed "must be positive" and trained on NaNs.
+    ("optim.base_lr=.inf", r"'optim.base_lr' must be a finite number, got inf"),
+    ("optim.weight_decay=.nan", r"'optim.weight_decay' must be a finite number, got nan"),
+    ("model.drop_path_rate=-.inf", r"'model.drop_path_rate' must be a finite number"),
+    ("data.color_jitter=[.inf, 0, 0]", r"'data.color_jitter' must be a list of 3 finite"),
+    # On a command line nan and inf are YAML text: said so, rather than a bare type error.
+    ("optim.base_lr=inf", r"must be float or int, got 'inf' \(str\) \(YAML reads nan and inf "
+                          r"as text; a number is needed\)"),
+    ("teachers.0.weight=nan", r"teachers\[0\].weight must be float or int, got 'nan' \(YAML"),
+])
+def test_non_finite_numbers_are_refused_by_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "configs" / "demo.yaml", [override])
+
+
+@pytest.mark.parametrize("override, message", [
     ("model.arch=vit_tiny_patch17_224",
      "model.arch: unknown timm architecture 'vit_tiny_patch17_224'"),
     ("teachers.1.arch=vit_small_patch16_255",

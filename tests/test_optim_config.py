@@ -76,7 +76,7 @@ def test_overrides_types_and_lists(tmp_path):
         load_config(REPO / "configs" / "demo.yaml", ["teachers.5.weight=1"])
     with pytest.raises(ConfigError, match="must be one of"):
         load_config(REPO / "configs" / "demo.yaml", ["method.distance=l1"])
-    with pytest.raises(ConfigError, match="list of 3 numbers"):
+    with pytest.raises(ConfigError, match="list of 3 finite numbers"):
         load_config(REPO / "configs" / "demo.yaml", ["data.color_jitter=[0.4]"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  arhc: vit_tiny_patch16_224\n")
