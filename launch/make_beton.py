@@ -4,8 +4,9 @@
     python launch/make_beton.py /data/imagenet/train /data/imagenet_train.beton --max-side 512
 
 Undecodable files (corrupt, truncated, empty, not images) are left out and listed;
-greyscale, CMYK and RGBA images are stored as RGB. Prints a summary; exits 1 when
-the folder is missing, empty or holds nothing decodable.
+greyscale, CMYK and RGBA images are stored as RGB. Prints a summary. Exits 2, as dmt's
+other tools do, with one line naming the culprit when the folder is missing, empty or
+holds nothing decodable, or the output cannot be written.
 """
 import argparse
 import sys
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dmt  # noqa: E402  (patches torchvision on CPU torch before anything imports it)
 from dmt.data.beton import write_beton  # noqa: E402
-from dmt.errors import DataError  # noqa: E402
+from dmt.errors import DMTError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -45,9 +46,9 @@ def main(argv=None) -> int:
         report = write_beton(args.src, args.out, max_side=args.max_side, quality=args.quality,
                              write_mode=args.write_mode, num_workers=args.workers,
                              probe_cache=args.probe_cache)
-    except DataError as error:
+    except DMTError as error:
         print(f"make_beton: error: {error}", file=sys.stderr)
-        return 1
+        return 2
     size_mb = report.path.stat().st_size / 2**20
     classes = f"{len(report.classes)} class" + ("es" if len(report.classes) != 1 else "")
     print(f"wrote {report.written} images ({classes}) to {_printable(str(report.path))} "

@@ -65,7 +65,7 @@ def test_make_beton_reports_skipped_files(tmp_path, capsys):
     assert sorted(set(reader.metadata["f1"].tolist())) == [0, 1]
 
     (tmp_path / "empty").mkdir()
-    assert make_beton.main([str(tmp_path / "empty"), str(tmp_path / "e.beton")]) == 1
+    assert make_beton.main([str(tmp_path / "empty"), str(tmp_path / "e.beton")]) == 2
     assert str(tmp_path / "empty") in capsys.readouterr().err
     for flags, message in ((["--max-side", "0"], "--max-side must be a positive"),
                            (["--quality", "500"], "--quality must be in 1..100"),
@@ -183,7 +183,7 @@ def test_make_beton_checks_the_output_path_before_probing(tmp_path, capsys):
     for out, message in ((tmp_path, f"the output {str(tmp_path)!r} is a folder"),
                          (tmp_path / "a_file" / "x.beton",
                           f"cannot make the output's folder {str(tmp_path / 'a_file')!r}")):
-        assert make_beton.main([str(src), str(out)]) == 1
+        assert make_beton.main([str(src), str(out)]) == 2
         assert message in capsys.readouterr().err
     assert not list(src.rglob(".dmt_probe_cache.json"))  # nothing was probed
 
