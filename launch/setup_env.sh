@@ -17,6 +17,12 @@ else
     echo "[setup] no GPU: installing the CPU build of torch 2.13.0"
     # torchvision 0.28.0 pins torch 2.13.0 exactly, so the CPU torch stays in place.
     $PIP install -q torch==2.13.0 torchvision==0.28.0
+    # That torchvision wheel is a CUDA build: with the CPU torch, `import torchvision` (and
+    # so timm) fails unless one module is stubbed first. dmt's __init__ does it; this .pth
+    # does it at interpreter start-up, so a script that imports timm before dmt works too.
+    SITE=$($VENV/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    echo 'import sys, types; sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))' \
+        > "$SITE/dmt_cpu_torchvision.pth"
 fi
 
 # FFCV compiles against libturbojpeg and OpenCV; install them when we may.

@@ -1,5 +1,8 @@
 """The student: a timm ViT with its final LayerNorm, an adapter to the teacher width, and
 an export of the backbone alone that timm loads strictly."""
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
@@ -148,3 +151,16 @@ def test_backbone_export_loads_into_timm_strictly(tmp_path):
 def test_backbone_export_rejects_other_state_dicts():
     with pytest.raises(ConfigError, match="backbone"):
         backbone_state_dict({"blocks.0.norm1.weight": torch.ones(3)})
+
+
+def test_a_script_may_import_timm_before_dmt():
+    """On a CPU torch, the registry's torchvision (a CUDA build) fails to import unless a
+    module is stubbed first; setup_env.sh installs a .pth that does it at start-up, so a
+    user's own script (say, loading an export) need not import dmt first."""
+    script = ("import timm, torch\n"
+              "model = timm.create_model('vit_tiny_patch16_224', num_classes=0, img_size=32)\n"
+              "print(tuple(model(torch.zeros(1, 3, 32, 32)).shape))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "(1, 192)"
