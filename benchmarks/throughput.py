@@ -138,6 +138,9 @@ def parse_args(argv=None) -> Config:
         "compile_student": (a.compile_student == "on") if a.compile_student else None,
     }
     preset.update({k: v for k, v in overrides.items() if v is not None})
+    if a.students is not None:
+        follow_students(preset, given={"profile": a.profile, "dedicated_cell": a.dedicated_cell,
+                                       "probe_cell": a.probe_cell})
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         kind = torch.device(device).type
@@ -159,6 +162,19 @@ def parse_args(argv=None) -> Config:
     cfg.students = [ALIASES.get(s, s) for s in cfg.students]
     cfg.teacher_arch = ALIASES.get(cfg.teacher_arch, cfg.teacher_arch)
     return cfg
+
+
+def follow_students(preset: dict, given: dict) -> None:
+    """The preset's own cells (profile, placement, data probe) move to the last student of
+    --students when theirs is not in it: a run of ViT-T alone must not also build and time
+    a ViT-S for them. A cell given on the command line stays as given."""
+    chosen = [ALIASES.get(x, x) for x in preset["students"]]
+    for key, flag_value in given.items():
+        cell = preset.get(key)
+        if flag_value is None and cell and chosen:
+            student, _, teachers = cell.partition(":")
+            if ALIASES.get(student, student) not in chosen:
+                preset[key] = f"{preset['students'][-1]}:{teachers}"
 
 
 def profile_cell(cfg: Config, bank: TeacherBank, device, choice: dict, rows: list[dict],

@@ -290,6 +290,26 @@ def test_benchmark_flags_are_refused_before_anything_is_measured(flags, message,
     assert cfg.teacher_counts == [] and cfg.data_probe
 
 
+def test_the_presets_cells_follow_students_and_given_cells_stay():
+    """--students T on a preset whose profile/placement/probe cells are ViT-S: those cells
+    move to ViT-T (a ViT-T run built and timed a ViT-S for them); a cell given stays."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.matrix import PRESETS
+    from benchmarks.throughput import parse_args
+    gpu = PRESETS["gpu"]
+    assert {gpu["profile"], gpu["dedicated_cell"], gpu["probe_cell"]} == {"S:3"}
+    cfg = parse_args(["--preset", "gpu", "--device", "cpu", "--micro-batch", "8",
+                      "--students", "T"])
+    assert (cfg.profile, cfg.dedicated_cell, cfg.probe_cell) == ("T:3", "T:3", "T:3")
+    cfg = parse_args(["--preset", "gpu", "--device", "cpu", "--micro-batch", "8",
+                      "--students", "T,B", "--profile", "S:2"])
+    assert (cfg.profile, cfg.dedicated_cell, cfg.probe_cell) == ("S:2", "B:3", "B:3")
+    cfg = parse_args(["--preset", "gpu", "--device", "cpu", "--micro-batch", "8",
+                      "--students", "vit_small_patch16_224"])  # S by its timm name: kept
+    assert cfg.profile == "S:3"
+    assert parse_args(["--preset", "gpu", "--device", "cpu", "--micro-batch", "8"]).profile == "S:3"
+
+
 def test_one_benchmark_at_a_time_per_result_file(tmp_path):
     sys.path.insert(0, str(REPO))
     from benchmarks.common import exclusive_output
