@@ -390,6 +390,36 @@ def test_a_png_failing_a_critical_checksum_is_skipped_by_every_backend(tmp_path,
         assert len(list(dali)) == 3 and dali.skipped_files == loader.skipped_files
 
 
+def test_a_png_cut_after_its_pixels_is_skipped_as_truncated(tmp_path, source):
+    """PIL stops reading a PNG once its pixels are in: a file cut before IEND, or inside
+    the last IDAT's CRC, decoded in PIL (libpng reads on and fails). Truncated: skipped,
+    like a file cut inside its pixels; bytes after IEND are fine."""
+    import io
+    import struct
+    from dmt.data.images import probe_one
+    _, files = source
+    buffer = io.BytesIO()
+    Image.open(files[0]).convert("RGB").save(buffer, "PNG")
+    data = buffer.getvalue()
+    iend = data.index(b"IEND") - 4  # its length field
+    assert struct.unpack(">I", data[iend - 4:iend])[0] != 0  # the last IDAT's CRC
+    cut = {"no_iend.png": data[:iend], "half_iend.png": data[:iend + 6],
+           "idat_crc_cut.png": data[:iend - 2]}
+    shutil.copy(files[1], tmp_path / "good.jpg")
+    (tmp_path / "trailing.png").write_bytes(data + b"\0" * 32)
+    for name, content in cut.items():
+        (tmp_path / name).write_bytes(content)
+        Image.open(tmp_path / name).load()  # PIL alone has no complaint
+        reason = probe_one(tmp_path / name)[1]
+        assert reason == f"ValueError: PNG ends at byte {len(content)}, before its IEND " \
+                         "chunk: the file is cut short", name
+    assert probe_one(tmp_path / "trailing.png")[1] is None
+    loader = build_loader("torch", tmp_path, 1, image_size=32, num_workers=0, drop_last=False)
+    served = {loader.folder.files[i].name for b in loader for i in b["index"].tolist()}
+    assert served == {"good.jpg", "trailing.png"}
+    assert sorted(loader.skipped_files) == sorted(str(tmp_path / n) for n in cut)
+
+
 @pytest.mark.timeout(60)
 def test_linked_folders_are_read_once(tmp_path, caplog):
     from dmt.data.folder import scan_image_folder
