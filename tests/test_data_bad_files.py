@@ -206,6 +206,39 @@ def test_worker_data_error_reaches_the_user_in_its_own_words_and_the_process_exi
     assert done.stdout.strip() == expected
 
 
+@pytest.mark.parametrize("message, cause", [
+    ("plain", None), ("two\nlines", None), ("chained", OSError("disk")),
+    # The message may name the error's type itself: all of it is kept.
+    ("the last one said dmt.errors.DataError: no files", None),
+    ("quoting\ndmt.errors.DataError: no files", ValueError("x")),
+])
+def test_a_wrapped_worker_error_is_unwrapped_to_its_whole_message(message, cause):
+    """What torch's own ExceptionWrapper makes of a worker's DataError comes back as the
+    worker's message, whole."""
+    from torch._utils import ExceptionWrapper
+
+    from dmt.data.torch_backend import _in_own_words
+
+    def worker():
+        if cause is None:
+            raise DataError(message)
+        try:
+            raise cause
+        except Exception as inner:
+            raise DataError(message) from inner
+    try:
+        worker()
+    except DataError:  # as a DataLoader worker wraps it
+        wrapper = ExceptionWrapper(where="in DataLoader worker process 0")
+
+    def batches():
+        yield 1
+        wrapper.reraise()
+    with pytest.raises(DataError) as caught:
+        list(_in_own_words(batches()))
+    assert str(caught.value) == message
+
+
 @pytest.mark.timeout(240, method="thread")
 def test_missing_beton_and_bad_arguments_are_clear_errors(tmp_path):
     pytest.importorskip("ffcv")
