@@ -210,9 +210,11 @@ def _teacher_entry(entry: Any, index: int) -> dict:
     return full
 
 
-def _spelling_hint(value: Any) -> str:
-    """For 'nan' or 'inf' given where a number belongs: YAML reads those as text."""
-    if isinstance(value, str) and value.strip().lstrip("+-").lower() in ("nan", "inf", "infinity"):
+def _spelling_hint(value: Any, expected: tuple[type, ...]) -> str:
+    """For 'nan' or 'inf' given where a float belongs: YAML reads those as text. (Not for
+    a bool or int key, where no spelling of them would do.)"""
+    if float in expected and isinstance(value, str) \
+            and value.strip().lstrip("+-").lower() in ("nan", "inf", "infinity"):
         return " (YAML reads nan and inf as text; a number is needed)"
     return ""
 
@@ -282,7 +284,7 @@ def _check_values(flat: dict, defaults: dict) -> None:
             if not _type_ok(value, expected):
                 names = " or ".join(t.__name__ for t in expected)
                 raise ConfigError(f"config key '{key}' must be {names}, got {value!r} "
-                                  f"({type(value).__name__}){_spelling_hint(value)}")
+                                  f"({type(value).__name__}){_spelling_hint(value, expected)}")
         if isinstance(value, float) and not math.isfinite(value):  # inf passes "positive"
             raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
         if key in _CHOICES and value not in _CHOICES[key]:
@@ -323,7 +325,7 @@ def _check_teacher_entries(cfg: dict) -> None:
             if not _type_ok(t[field], types):
                 raise ConfigError(f"teachers[{i}].{field} must be "
                                   f"{' or '.join(x.__name__ for x in types if x is not type(None))}"
-                                  f", got {t[field]!r}{_spelling_hint(t[field])}")
+                                  f", got {t[field]!r}{_spelling_hint(t[field], types)}")
     names = [t["name"] for t in cfg["teachers"]]
     if len(set(names)) != len(names):
         raise ConfigError(f"teacher names must be unique, got {names}")

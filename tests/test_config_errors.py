@@ -118,6 +118,9 @@ def test_bad_ranges_and_choices_are_named_with_their_key(override, message):
     ("optim.base_lr=inf", r"must be float or int, got 'inf' \(str\) \(YAML reads nan and inf "
                           r"as text; a number is needed\)"),
     ("teachers.0.weight=nan", r"teachers\[0\].weight must be float or int, got 'nan' \(YAML"),
+    # No hint for a bool or int key: no spelling of inf would do there.
+    ("run.progress=inf", r"'run.progress' must be bool, got 'inf' \(str\)$"),
+    ("run.epochs=nan", r"'run.epochs' must be int, got 'nan' \(str\)$"),
 ])
 def test_non_finite_numbers_are_refused_by_key(override, message):
     with pytest.raises(ConfigError, match=message):

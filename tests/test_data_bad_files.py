@@ -206,6 +206,39 @@ def test_worker_data_error_reaches_the_user_in_its_own_words_and_the_process_exi
     assert done.stdout.strip() == expected
 
 
+@pytest.mark.parametrize("message, cause", [
+    ("plain", None), ("two\nlines", None), ("chained", OSError("disk")),
+    # The message may name the error's type itself: all of it is kept.
+    ("the last one said dmt.errors.DataError: no files", None),
+    ("quoting\ndmt.errors.DataError: no files", ValueError("x")),
+])
+def test_a_wrapped_worker_error_is_unwrapped_to_its_whole_message(message, cause):
+    """What torch's own ExceptionWrapper makes of a worker's DataError comes back as the
+    worker's message, whole."""
+    from torch._utils import ExceptionWrapper
+
+    from dmt.data.torch_backend import _in_own_words
+
+    def worker():
+        if cause is None:
+            raise DataError(message)
+        try:
+            raise cause
+        except Exception as inner:
+            raise DataError(message) from inner
+    try:
+        worker()
+    except DataError:  # as a DataLoader worker wraps it
+        wrapper = ExceptionWrapper(where="in DataLoader worker process 0")
+
+    def batches():
+        yield 1
+        wrapper.reraise()
+    with pytest.raises(DataError) as caught:
+        list(_in_own_words(batches()))
+    assert str(caught.value) == message
+
+
 @pytest.mark.timeout(240, method="thread")
 def test_missing_beton_and_bad_arguments_are_clear_errors(tmp_path):
     pytest.importorskip("ffcv")
@@ -388,6 +421,36 @@ def test_a_png_failing_a_critical_checksum_is_skipped_by_every_backend(tmp_path,
     if importlib.util.find_spec("nvidia.dali") is not None:  # its own test is the crash
         dali = build_loader("dali", tmp_path, 1, image_size=32, drop_last=False)
         assert len(list(dali)) == 3 and dali.skipped_files == loader.skipped_files
+
+
+def test_a_png_cut_after_its_pixels_is_skipped_as_truncated(tmp_path, source):
+    """PIL stops reading a PNG once its pixels are in: a file cut before IEND, or inside
+    the last IDAT's CRC, decoded in PIL (libpng reads on and fails). Truncated: skipped,
+    like a file cut inside its pixels; bytes after IEND are fine."""
+    import io
+    import struct
+    from dmt.data.images import probe_one
+    _, files = source
+    buffer = io.BytesIO()
+    Image.open(files[0]).convert("RGB").save(buffer, "PNG")
+    data = buffer.getvalue()
+    iend = data.index(b"IEND") - 4  # its length field
+    assert struct.unpack(">I", data[iend - 4:iend])[0] != 0  # the last IDAT's CRC
+    cut = {"no_iend.png": data[:iend], "half_iend.png": data[:iend + 6],
+           "idat_crc_cut.png": data[:iend - 2]}
+    shutil.copy(files[1], tmp_path / "good.jpg")
+    (tmp_path / "trailing.png").write_bytes(data + b"\0" * 32)
+    for name, content in cut.items():
+        (tmp_path / name).write_bytes(content)
+        Image.open(tmp_path / name).load()  # PIL alone has no complaint
+        reason = probe_one(tmp_path / name)[1]
+        assert reason == f"ValueError: PNG ends at byte {len(content)}, before its IEND " \
+                         "chunk: the file is cut short", name
+    assert probe_one(tmp_path / "trailing.png")[1] is None
+    loader = build_loader("torch", tmp_path, 1, image_size=32, num_workers=0, drop_last=False)
+    served = {loader.folder.files[i].name for b in loader for i in b["index"].tolist()}
+    assert served == {"good.jpg", "trailing.png"}
+    assert sorted(loader.skipped_files) == sorted(str(tmp_path / n) for n in cut)
 
 
 @pytest.mark.timeout(60)

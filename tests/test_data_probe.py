@@ -143,12 +143,12 @@ def test_a_read_error_is_reported_but_not_remembered(folder, monkeypatch):
     check_against_pil(second, folder)
 
 
-@pytest.mark.parametrize("damage", [b"{not json", b'{"format": "dmt-probe-cache", "version": 2, '
+@pytest.mark.parametrize("damage", [b"{not json", b'{"format": "dmt-probe-cache", "version": 3, '
                                     b'"files": ["a.jpg"], "bytes": [], "mtime_ns": [1], '
                                     b'"height": [1], "width": [1], "reasons": {}}',
                                     b"\xff\xfe\x00garbage", b"[1, 2, 3]",
-                                    # an older dmt's: its verdicts predate READABLE_FORMATS
-                                    b'{"format": "dmt-probe-cache", "version": 1, "files": [], '
+                                    # an older dmt's: its verdicts predate the PNG IEND check
+                                    b'{"format": "dmt-probe-cache", "version": 2, "files": [], '
                                     b'"bytes": [], "mtime_ns": [], "height": [], "width": [], '
                                     b'"reasons": {}}'])
 def test_a_damaged_cache_is_ignored_with_a_warning(folder, monkeypatch, caplog, damage):
@@ -265,7 +265,7 @@ def test_the_folders_index_wins_over_one_in_the_user_cache(folder, monkeypatch, 
     user = probe._user_cache_path(folder)
     assert user.parent == tmp_path / "xdg" / "dmt"
     user.parent.mkdir(parents=True)
-    stale = {"format": "dmt-probe-cache", "version": 2, "files": [], "bytes": [],
+    stale = {"format": "dmt-probe-cache", "version": 3, "files": [], "bytes": [],
              "mtime_ns": [], "height": [], "width": [], "reasons": {}}
     user.write_text(json.dumps(stale))
     calls = Counter(monkeypatch)

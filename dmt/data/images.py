@@ -45,7 +45,9 @@ def check_readable(image: Image.Image) -> None:
 
 def check_png_checksums(path) -> None:
     """Raises ValueError when a critical chunk of a PNG (IHDR, PLTE, IDAT, IEND) fails its
-    CRC: PIL decodes such a file without checking, libpng (DALI) stops the pipeline on it."""
+    CRC, or the file ends before its IEND chunk: PIL decodes such a file without checking,
+    libpng (DALI) stops the pipeline on it. (A file cut inside its image data never gets
+    here: PIL's decode fails on it.)"""
     with open(path, "rb") as f:
         data = memoryview(f.read())
     at = 8  # after the signature
@@ -53,7 +55,7 @@ def check_png_checksums(path) -> None:
         size, kind = struct.unpack(">I4s", data[at:at + 8])
         end = at + 8 + size
         if end + 4 > len(data):
-            return  # cut short: the decode says so
+            break
         critical = not kind[0] & 0x20  # an upper-case first letter
         if critical and zlib.crc32(data[at + 4:end]) != struct.unpack(">I", data[end:end + 4])[0]:
             raise ValueError(f"PNG chunk {kind.decode('latin-1')} at byte {at} fails its CRC "
@@ -61,6 +63,11 @@ def check_png_checksums(path) -> None:
         if kind == b"IEND":
             return
         at = end + 4
+    # PIL stops reading once the pixels are in, so a file cut after them, or inside the
+    # last IDAT's CRC, decodes in PIL; libpng reads that CRC (and, in png_read_end, on to
+    # IEND) and fails. Truncated, as a file cut in its pixels: left out on every backend.
+    raise ValueError(f"PNG ends at byte {len(data)}, before its IEND chunk: the file is cut "
+                     "short")
 
 
 def check_pixel_format(image: Image.Image) -> None:

@@ -43,7 +43,7 @@ from dmt.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 CACHE_NAME = ".dmt_probe_cache.json"  # a dot-file: scan_image_folder never lists it
-_FORMAT, _VERSION = "dmt-probe-cache", 2  # 2: READABLE_FORMATS checked
+_FORMAT, _VERSION = "dmt-probe-cache", 3  # 2: READABLE_FORMATS; 3: PNGs cut before IEND
 _OFF = ("off", "none", "null", "false", "")
 _COLUMNS = ("bytes", "mtime_ns", "height", "width")
 _CHUNK = 64  # files per thread-pool task

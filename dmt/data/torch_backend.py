@@ -170,10 +170,14 @@ def _in_own_words(batches):
     try:
         yield from batches
     except DataError as err:
-        marker = f"{type(err).__module__}.{type(err).__qualname__}: "
         text = str(err)
-        if text.startswith("Caught ") and marker in text:
-            err.args = (text.rsplit(marker, 1)[1].rstrip(),)
+        # The message follows the last traceback's frames (a chained error comes after its
+        # cause), on the first line that starts with the error's type, the frames being
+        # indented: the message itself may name the type too.
+        last = text.rfind("Traceback (most recent call last):\n")
+        at = text.find(f"\n{type(err).__module__}.{type(err).__qualname__}: ", last)
+        if text.startswith("Caught ") and last >= 0 and at >= 0:
+            err.args = (text[text.index(": ", at) + 2:].rstrip(),)
         raise
 
 
