@@ -295,7 +295,8 @@ def _check_values(flat: dict, defaults: dict) -> None:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
     for key, length in (("data.crop_scale", 2), ("data.color_jitter", 3), ("optim.betas", 2)):
         value = flat[key]
-        if len(value) != length or not all(_type_ok(v, (float, int)) and math.isfinite(v)
+        if len(value) != length or not all(_type_ok(v, (float, int))
+                                           and not (isinstance(v, float) and not math.isfinite(v))
                                            for v in value):
             raise ConfigError(f"config key '{key}' must be a list of {length} finite numbers, "
                               f"got {value}")

@@ -13,6 +13,8 @@ $PIP install -q --upgrade pip wheel setuptools
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "[setup] GPU found: installing CUDA torch"
     $PIP install -q torch torchvision
+    # A venv first set up on a CPU machine: its torchvision stub (below) must go.
+    rm -f "$($VENV/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/dmt_cpu_torchvision.pth"
 else
     echo "[setup] no GPU: installing the CPU build of torch 2.13.0"
     # torchvision 0.28.0 pins torch 2.13.0 exactly, so the CPU torch stays in place.

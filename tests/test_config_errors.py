@@ -114,6 +114,7 @@ def test_bad_ranges_and_choices_are_named_with_their_key(override, message):
     ("optim.weight_decay=.nan", r"'optim.weight_decay' must be a finite number, got nan"),
     ("model.drop_path_rate=-.inf", r"'model.drop_path_rate' must be a finite number"),
     ("data.color_jitter=[.inf, 0, 0]", r"'data.color_jitter' must be a list of 3 finite"),
+    ("optim.betas=[0.9, 1" + "0" * 400 + "]", r"'optim.betas' must be two numbers in"),  # no OverflowError
     # On a command line nan and inf are YAML text: said so, rather than a bare type error.
     ("optim.base_lr=inf", r"must be float or int, got 'inf' \(str\) \(YAML reads nan and inf "
                           r"as text; a number is needed\)"),
