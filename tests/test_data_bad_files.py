@@ -364,12 +364,14 @@ def test_content_in_a_format_dmt_does_not_read_is_skipped_by_every_backend(tmp_p
     for i, f in enumerate(files[:3]):
         shutil.copy(f, tmp_path / f"good{i}.jpg")
     square.save(tmp_path / "photo.png", format="JPEG")
+    square.save(tmp_path / "camera.jpg", format="MPO", save_all=True, append_images=[square])
     square.convert("P").save(tmp_path / "anim.jpg", format="GIF")
     square.save(tmp_path / "icon.png", format="ICO")
     refused = {"anim.jpg": "GIF", "icon.png": "ICO"}
     for name, kind in refused.items():
         assert probe_one(tmp_path / name)[1].startswith(f"ValueError: {kind} content"), name
-    readable = ["good0.jpg", "good1.jpg", "good2.jpg", "photo.png"]
+    assert probe_one(tmp_path / "camera.jpg")[0] == square.size[::-1]
+    readable = ["camera.jpg", "good0.jpg", "good1.jpg", "good2.jpg", "photo.png"]
     loader = build_loader("torch", tmp_path, 2, image_size=32, num_workers=0, drop_last=False)
     with caplog.at_level(logging.WARNING, logger="dmt.data"):
         served = {loader.folder.files[i].name for b in loader for i in b["index"].tolist()}
@@ -377,8 +379,8 @@ def test_content_in_a_format_dmt_does_not_read_is_skipped_by_every_backend(tmp_p
     assert set(loader.skipped_files) == {str(tmp_path / name) for name in refused}
     if importlib.util.find_spec("nvidia.dali") is not None:  # its own test is the crash
         dali = build_loader("dali", tmp_path, 2, image_size=32, drop_last=False)
-        assert sorted(dali.files[i].rsplit("/", 1)[1] for b in dali
-                      for i in b["index"].tolist()) == readable
+        assert sorted({dali.files[i].rsplit("/", 1)[1] for b in dali
+                       for i in b["index"].tolist()}) == readable
         assert set(dali.skipped_files) == set(loader.skipped_files)
 
 

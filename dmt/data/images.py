@@ -115,7 +115,7 @@ def probe_image(path) -> tuple:
     with Image.open(path) as image:
         check_readable(image)
         width, height = image.size
-        if image.format == "JPEG":
+        if image.format in ("JPEG", "MPO"):  # MPO: a camera's JPEG with extra frames
             image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
         image.load()
         if image.format == "PNG":
