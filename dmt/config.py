@@ -219,6 +219,12 @@ def _spelling_hint(value: Any, expected: tuple[type, ...]) -> str:
     return ""
 
 
+def _finite_number(value: Any) -> bool:
+    """An int, or a float that is neither infinite nor NaN (bools are not numbers here)."""
+    return _type_ok(value, (float, int)) and not (isinstance(value, float)
+                                                   and not math.isfinite(value))
+
+
 def _type_ok(value: Any, expected: tuple[type, ...]) -> bool:
     if isinstance(value, bool):  # bool is an int in Python; never accept it for numbers
         return bool in expected
@@ -295,9 +301,7 @@ def _check_values(flat: dict, defaults: dict) -> None:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
     for key, length in (("data.crop_scale", 2), ("data.color_jitter", 3), ("optim.betas", 2)):
         value = flat[key]
-        if len(value) != length or not all(_type_ok(v, (float, int))
-                                           and not (isinstance(v, float) and not math.isfinite(v))
-                                           for v in value):
+        if len(value) != length or not all(_finite_number(v) for v in value):
             raise ConfigError(f"config key '{key}' must be a list of {length} finite numbers, "
                               f"got {value}")
 

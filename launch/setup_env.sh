@@ -10,11 +10,12 @@ PYTHON=${PYTHON:-python3}
 PIP="$VENV/bin/python -m pip --disable-pip-version-check"
 $PIP install -q --upgrade pip wheel setuptools
 
+# The torchvision stub that only a CPU torch needs (written below).
+STUB="$($VENV/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/dmt_cpu_torchvision.pth"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "[setup] GPU found: installing CUDA torch"
     $PIP install -q torch torchvision
-    # A venv first set up on a CPU machine: its torchvision stub (below) must go.
-    rm -f "$($VENV/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/dmt_cpu_torchvision.pth"
+    rm -f "$STUB"  # a venv first set up on a CPU machine
 else
     echo "[setup] no GPU: installing the CPU build of torch 2.13.0"
     # torchvision 0.28.0 pins torch 2.13.0 exactly, so the CPU torch stays in place.
@@ -22,9 +23,8 @@ else
     # That torchvision wheel is a CUDA build: with the CPU torch, `import torchvision` (and
     # so timm) fails unless one module is stubbed first. dmt's __init__ does it; this .pth
     # does it at interpreter start-up, so a script that imports timm before dmt works too.
-    SITE=$($VENV/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     echo 'import sys, types; sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))' \
-        > "$SITE/dmt_cpu_torchvision.pth"
+        > "$STUB"
 fi
 
 # FFCV compiles against libturbojpeg and OpenCV; install them when we may.
