@@ -474,3 +474,41 @@ def test_teacher_built_on_a_device_keeps_everything_there():
                                  stack=stack)
         tokens = fast(torch.zeros(2, 3, 32, 32, device=meta))
         assert [t.shape for t in tokens] == [(2, 5, 192)] * 2
+
+
+def test_a_checkpoint_teacher_leaves_the_global_random_state_alone(tmp_path):
+    """The encoder's initialisation is overwritten by the checkpoint; drawing it from the
+    global generator would make the student built next start differently with each teacher
+    set (a 1-, 2- or 3-teacher ablation would not share its student's initialisation)."""
+    path = tmp_path / "t.pth"
+    torch.save(_perturbed_vit().state_dict(), path)
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    load_teacher("timm", path, arch=ARCH, img_size=IMG, dtype=torch.float32)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_the_student_starts_the_same_whichever_teachers_the_run_builds(tmp_path):
+    """The trainer seeds, builds the teachers, then the student: the student's weights must
+    not depend on how many teachers load, nor on a dedicated student rank building them as
+    shapes only."""
+    from dmt.build import build_student, build_teachers
+    from dmt.config import load_config
+
+    path = tmp_path / "t.pth"
+    torch.save(_perturbed_vit().state_dict(), path)
+    entry = f"{{kind: timm, arch: {ARCH}, checkpoint: {path}}}"
+    common = [f"model.img_size={IMG}", f"model.arch={ARCH}", "teacher_runtime.dtype=float32",
+              f"teachers=[{entry[:-1]}, name: a}}, {entry[:-1]}, name: b}}]"]
+
+    def student(*overrides, shapes_only=False):
+        cfg = load_config(None, [*common, *overrides])
+        torch.manual_seed(0)
+        teachers = build_teachers(cfg, torch.device("cpu"), warn=lambda _: None,
+                                  shapes_only=shapes_only)
+        return build_student(cfg, teachers.embed_dim).state_dict()
+
+    both = student()
+    for other in (student("method.teachers=[a]"), student(shapes_only=True)):
+        assert all(torch.equal(both[k], other[k]) for k in both)

@@ -132,7 +132,10 @@ def load_teacher(kind: str, checkpoint: str | Path | None, arch: str = "vit_base
         raise ConfigError(f"teacher '{name}' of kind '{kind}' needs a checkpoint file")
     path = Path(checkpoint)
     raw = read_checkpoint_file(path)
-    encoder = create_encoder(arch, img_size)
+    # The checkpoint overwrites the initialisation: keep it off the caller's random stream,
+    # so that the student built next starts the same whichever teachers (and how many) load.
+    with torch.random.fork_rng(devices=[]):
+        encoder = create_encoder(arch, img_size)
     try:
         state = _fit_pos_embed(CHECKPOINT_FORMATS[kind](raw, path), encoder)
         load_encoder_strict(encoder, state, f"{path} (kind '{kind}', arch '{arch}')")
