@@ -231,3 +231,13 @@ def test_check_fp8_tool_reports_target_error_on_the_configured_data(tmp_path, ca
                                      "arch": "vit_tiny_patch16_224"}])
     assert main(["--config", str(missing)]) == 2
     assert "nope.pth" in capsys.readouterr().err
+
+
+def test_the_in_process_probe_leaves_the_global_random_state_alone():
+    """fp8 is a teacher runtime setting: turning it on must not change the student's
+    initialisation, which the trainer draws from the global generator after the teachers."""
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    fp8_unsupported(torch.device("cpu"))
+    assert torch.equal(torch.rand(4), expected)

@@ -101,8 +101,9 @@ def fp8_unsupported(device: torch.device) -> str | None:
             name = torch.cuda.get_device_name(device)
             return f"{name} has no FP8 tensor cores (compute capability 8.9+ needed: Ada, Hopper)"
         return probe_in_child(str(device))
-    try:
-        probe_fp8(device)
+    try:  # off the global random stream: the student is initialised from it next
+        with torch.random.fork_rng(devices=[]):
+            probe_fp8(device)
     except Exception as err:  # noqa: BLE001 - torch's value checks raise ValueError too
         return f"torch._scaled_mm with rowwise scales failed on {device}: {err}"
     return None
