@@ -95,6 +95,18 @@ def test_a_failed_beton_write_leaves_the_old_file_and_no_partial_one(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.beton", "src"]
 
 
+def test_make_beton_refuses_to_write_over_a_source_image(tmp_path, capsys):
+    """An output naming one of the images it converts used to replace that image."""
+    folder = write_sample_images(tmp_path / "src", num_images=2, size=32, num_classes=1)
+    image = next(folder.rglob("*.jpg"))
+    before = image.read_bytes()
+    make_beton = load_script("launch/make_beton.py")
+    assert make_beton.main([str(folder), str(image), "--probe-cache", "off"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "would replace a source image" in err and str(image) in err
+    assert image.read_bytes() == before
+
+
 def test_loader_benchmark_writes_json(tmp_path):
     bench = load_script("benchmarks/dataloader.py")
     out = tmp_path / "torch.json"
