@@ -36,6 +36,25 @@ def test_a_config_file_that_is_not_a_mapping_is_named(tmp_path):
         load_config(listed)
 
 
+def test_a_config_file_that_is_not_utf8_or_not_a_file_is_named(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("run:\n  name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"(?s)latin1\.yaml is not valid YAML.*position 16"):
+        load_config(latin1)  # was a UnicodeDecodeError traceback
+    utf16 = tmp_path / "utf16.yaml"  # with its byte-order mark, as Windows editors write it
+    utf16.write_text("run:\n  epochs: 2\n", encoding="utf-16")
+    assert load_config(utf16)["run"]["epochs"] == 2
+    with pytest.raises(ConfigError, match=rf"config file {tmp_path} is not a regular file"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("name, message", [(r"\ud800", "cannot be a file name"),
+                                           ("x" * 256, "is longer than a folder name may be")])
+def test_a_run_name_the_filesystem_refuses_is_a_config_error(name, message):
+    with pytest.raises(ConfigError, match=rf"'run\.name' {message}"):
+        load_config(REPO / "configs" / "demo.yaml", [f'run.name="{name}"'])
+
+
 def test_a_duplicate_section_in_a_config_file_is_refused_with_both_lines(tmp_path):
     demo = (REPO / "configs" / "demo.yaml").read_text()
     first = demo.splitlines().index("run:") + 1
