@@ -107,6 +107,26 @@ def test_make_beton_refuses_to_write_over_a_source_image(tmp_path, capsys):
     assert image.read_bytes() == before
 
 
+def test_loader_benchmark_refuses_bad_flags_and_outputs_before_measuring(tmp_path, capsys):
+    """Each was a traceback: a device torch does not know, negative workers, and (after the
+    whole measurement) an --out that is a folder or lies under a file."""
+    bench = load_script("benchmarks/dataloader.py")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    base = ["--backend", "synthetic", "--path", "64", "--out", str(tmp_path / "r.json")]
+    for flags, message in ((["--device", "gpu"], "--device gpu: expected cpu, cuda"),
+                           (["--num-workers", "-1"], "--num-workers must be at least 0"),
+                           (["--out", str(tmp_path / "folder"), "--overwrite"], "is a folder"),
+                           (["--out", str(tmp_path / "file" / "r.json")],
+                            f"cannot write in {tmp_path / 'file'} (a file, not a folder)")):
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(base + flags)
+        assert exit_.value.code != 0
+        said = f"{exit_.value.code}" if isinstance(exit_.value.code, str) else ""
+        assert message in said + capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_loader_benchmark_writes_json(tmp_path):
     bench = load_script("benchmarks/dataloader.py")
     out = tmp_path / "torch.json"
