@@ -231,3 +231,21 @@ def test_check_fp8_tool_reports_target_error_on_the_configured_data(tmp_path, ca
                                      "arch": "vit_tiny_patch16_224"}])
     assert main(["--config", str(missing)]) == 2
     assert "nope.pth" in capsys.readouterr().err
+
+
+def test_check_fp8_refuses_bad_flags_before_building_anything(tmp_path, capsys):
+    """Were tracebacks (a device torch does not know, CUDA on a CPU machine, an --out
+    folder after the whole check) or a message blaming the data (--batches 0)."""
+    import sys
+    sys.path.insert(0, str(REPO / "launch"))
+    from check_fp8 import main
+    config = str(REPO / "configs" / "demo.yaml")
+    cases = [(["--device", "gpu"], "--device gpu: expected cpu, cuda or cuda:N"),
+             (["--batches", "0"], "--batches must be at least 1, got 0"),
+             (["--out", str(tmp_path)], f"--out {tmp_path}: not a file in an existing folder")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "CUDA is not available on this machine"))
+    for flags, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(["--config", config, *flags])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
