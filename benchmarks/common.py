@@ -127,6 +127,7 @@ def partial_path(out: Path) -> Path:
 def refuse_to_replace(out: Path, overwrite: bool) -> None:
     """A rerun does not silently replace measured results: neither a finished run's OUT nor
     an interrupted run's OUT.partial, unless --overwrite says so."""
+    _check_writable(out)
     if overwrite:
         return
     for path, what in ((out, "an earlier run's results"),
@@ -134,6 +135,16 @@ def refuse_to_replace(out: Path, overwrite: bool) -> None:
         if path.exists():
             raise SystemExit(f"{path} holds {what} ({_describe_result(path)}): pass "
                              "--overwrite to replace them, or --out another path")
+
+
+def _check_writable(out: Path) -> None:
+    """An output that cannot be written is refused before the measurement, not after it."""
+    if out.is_dir():
+        raise SystemExit(f"--out {out} is a folder: name the result file (.json)")
+    folder = next(p for p in (out.parent, *out.parent.parents) if p.exists() or p == p.parent)
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise SystemExit(f"--out {out}: cannot write in {folder}"
+                         + (" (a file, not a folder)" if not folder.is_dir() else ""))
 
 
 def _describe_result(path: Path) -> str:
@@ -150,6 +161,7 @@ def _describe_result(path: Path) -> str:
 def exclusive_output(path: Path):
     """One benchmark at a time per result file: a second run with the same output would
     overwrite the first one's rows and share its .partial file."""
+    _check_writable(path)  # (the lock lives beside it)
     try:
         lock = ExclusiveLock(path.with_name(f".{path.name}.lock")).acquire()
     except LockBusy as busy:

@@ -125,12 +125,16 @@ def main(argv=None):
                              "refused")
     args = parser.parse_args(argv)
     for flag, least in (("batches", 1), ("windows", 1), ("warmup", 0), ("batch_size", 1),
-                        ("image_size", 16), ("num_images", 1)):
+                        ("image_size", 16), ("num_images", 1), ("num_workers", 0),
+                        ("image_side", 16)):
         value = getattr(args, flag)
         if value is not None and value < least:
             parser.error(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
 
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
     if args.backend == "torchvision-nvjpeg" and device.type != "cuda":

@@ -126,6 +126,10 @@ def check_config(cfg: Config) -> None:
                              f"{list(DATA_SOURCES)}")
     if not cfg.data:
         raise ValueError("--data must name at least one data source")
+    uses_jpeg = "jpeg" in cfg.data or "jpeg" in cfg.data_probe
+    if uses_jpeg and cfg.jpeg_path is not None and not Path(cfg.jpeg_path).expanduser().is_dir():
+        # (its images are listed when the cell runs: a typo here failed that cell only)
+        raise ValueError(f"--jpeg-path {cfg.jpeg_path}: no such folder")
     if not cfg.students:
         raise ValueError("--students must name at least one student")
     if cfg.teacher_compile not in ("auto", "on", "off", *COMPILE_MODES):

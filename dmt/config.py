@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -169,8 +170,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
+            raise ConfigError(f"config file not found: {path}" if not path.exists() else
+                              f"config file {path} is not a regular file")
+        with open(path, "rb") as f:  # bytes: PyYAML reports an encoding it cannot read
             try:
                 experiment = _load_yaml(f, str(path)) or {}
             except yaml.YAMLError as err:
@@ -370,6 +372,14 @@ def _check_run_name(name: str) -> None:
         raise ConfigError(f"config key 'run.name' must be a plain folder name, got {name!r} "
                           "(the run goes to run.output_dir/run.name: set run.output_dir to "
                           "choose where)")
+    try:  # what the filesystem takes, checked before anything is built
+        too_long = len(os.fsencode(name)) > 255
+    except UnicodeEncodeError:
+        raise ConfigError(f"config key 'run.name' cannot be a file name on this system, "
+                          f"got {name!r}") from None
+    if too_long:
+        raise ConfigError(f"config key 'run.name' is longer than a folder name may be (255 "
+                          f"bytes), got {len(os.fsencode(name))} bytes: {name[:40]}...")
 
 
 def _check_ranges(flat: dict) -> None:

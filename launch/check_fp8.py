@@ -75,6 +75,20 @@ def check(cfg: dict, batches: int, device: torch.device) -> dict:
             "loss_spread_between_batches": losses.std().item() if len(rows) > 1 else None}
 
 
+def _device(parser: argparse.ArgumentParser, name: str | None) -> torch.device:
+    """--device, or the GPU when there is one; one usage line for a name torch does not
+    know or a GPU this machine lacks."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        parser.error(f"--device {name}: expected cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {name}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,11 +98,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the report as JSON here")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.path=/data")
     args = p.parse_intermixed_args(argv)  # overrides before or after the options
+    if args.batches < 1:
+        p.error(f"--batches must be at least 1, got {args.batches}")
+    device = _device(p, args.device)
+    if args.out and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):
+        p.error(f"--out {args.out}: not a file in an existing folder")  # before the work
     try:
         cfg = load_config(args.config, args.overrides)
         check_files(cfg)
         check_models(cfg)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         report = check(cfg, args.batches, device)
     except DMTError as err:
         print(f"dmt check_fp8: error: {err}", file=sys.stderr)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dmt  # noqa: E402,F401
 from dmt.engine.checkpoint import export_student, find_checkpoint, read_trainer_state  # noqa: E402
-from dmt.errors import CheckpointError, DMTError  # noqa: E402
+from dmt.errors import CheckpointError, ConfigError, DMTError  # noqa: E402
 
 
 def _checkpoint_dir(path: Path) -> Path:
@@ -34,6 +34,22 @@ def _checkpoint_dir(path: Path) -> Path:
     return path
 
 
+def _output_file(out: str, ckpt: Path) -> Path:
+    """--out as a file path that writing cannot harm the checkpoint being read: an export
+    inside RUN/checkpoints/ would replace one of its files (a model state, say)."""
+    path = Path(out).expanduser()
+    if not path.name or path.is_dir():
+        what = "is a folder" if path.name else "names no file"
+        raise ConfigError(f"--out {out!r} {what}; name the output file (.pth or .safetensors)")
+    ckpt = ckpt.resolve()
+    # a run's checkpoints/ folder (its latest pointer, other steps), else the checkpoint's own
+    protected = ckpt.parent if ckpt.parent.name == "checkpoints" else ckpt
+    if protected in path.resolve().parents:
+        raise ConfigError(f"--out {out} is inside {protected}: writing it there would "
+                          "replace or mix with checkpoint files; choose a path outside it")
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="run directory (its latest checkpoint) or a checkpoint directory")
@@ -44,7 +60,7 @@ def main(argv=None) -> int:
         ckpt = find_checkpoint("auto", path) if (path / "checkpoints").is_dir() else _checkpoint_dir(path)
         if ckpt is None:
             raise DMTError(f"{path} has no complete checkpoint yet")
-        out = export_student(ckpt, Path(args.out))
+        out = export_student(ckpt, _output_file(args.out, ckpt))
         model = read_trainer_state(ckpt)["config"]["model"]
     except DMTError as err:
         print(f"dmt export: error: {err}", file=sys.stderr)

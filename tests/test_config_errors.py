@@ -36,6 +36,25 @@ def test_a_config_file_that_is_not_a_mapping_is_named(tmp_path):
         load_config(listed)
 
 
+def test_a_config_file_that_is_not_utf8_or_not_a_file_is_named(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("run:\n  name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"(?s)latin1\.yaml is not valid YAML.*position 16"):
+        load_config(latin1)  # was a UnicodeDecodeError traceback
+    utf16 = tmp_path / "utf16.yaml"  # with its byte-order mark, as Windows editors write it
+    utf16.write_text("run:\n  epochs: 2\n", encoding="utf-16")
+    assert load_config(utf16)["run"]["epochs"] == 2
+    with pytest.raises(ConfigError, match=rf"config file {tmp_path} is not a regular file"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("name, message", [(r"\ud800", "cannot be a file name"),
+                                           ("x" * 256, "is longer than a folder name may be")])
+def test_a_run_name_the_filesystem_refuses_is_a_config_error(name, message):
+    with pytest.raises(ConfigError, match=rf"'run\.name' {message}"):
+        load_config(REPO / "configs" / "demo.yaml", [f'run.name="{name}"'])
+
+
 def test_a_duplicate_section_in_a_config_file_is_refused_with_both_lines(tmp_path):
     demo = (REPO / "configs" / "demo.yaml").read_text()
     first = demo.splitlines().index("run:") + 1
@@ -498,6 +517,35 @@ def test_export_names_the_path_it_was_given_not_resume(tmp_path, capsys):
         assert export.main([str(target), "--out", str(tmp_path / "x.pth")]) == 2
         err = capsys.readouterr().err
         assert str(target) in err and message in err and "--resume" not in err
+
+
+def test_export_refuses_an_out_that_would_overwrite_the_checkpoint(tmp_path, capsys):
+    """--out naming a file of the checkpoint it reads (or any path in RUN/checkpoints/)
+    used to replace that file with the export: the checkpoint was lost."""
+    export = load_script("launch/export.py")
+    step = tmp_path / "run" / "checkpoints" / "step00000002"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")
+    model = step / "mp_rank_00_model_states.pt"
+    model.write_bytes(b"the model")
+    for out in (model, step.parent / "latest", step.parent / "student.pth"):
+        assert export.main([str(step), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--out {out} is inside {step.parent}" in err
+    for out, message in (("", "names no file"), (str(tmp_path), "is a folder")):
+        assert export.main([str(step), "--out", out]) == 2
+        assert message in capsys.readouterr().err
+    assert model.read_bytes() == b"the model" and not (step.parent / "latest").exists()
+
+
+def test_an_export_under_a_file_is_a_storage_error(tmp_path, monkeypatch):
+    from dmt.engine import checkpoint as ckpt
+    from dmt.errors import StorageError
+    monkeypatch.setattr(ckpt, "consolidated_student_state",
+                        lambda path: {"backbone.pos_embed": torch.zeros(1, 2, 3)})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError, match="cannot write the exported student"):
+        ckpt.export_student(tmp_path / "ckpt", tmp_path / "file" / "student.pth")
 
 
 def test_unreadable_teacher_checkpoints_say_so_without_unsafe_advice(tmp_path):

@@ -95,6 +95,38 @@ def test_a_failed_beton_write_leaves_the_old_file_and_no_partial_one(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.beton", "src"]
 
 
+def test_make_beton_refuses_to_write_over_a_source_image(tmp_path, capsys):
+    """An output naming one of the images it converts used to replace that image."""
+    folder = write_sample_images(tmp_path / "src", num_images=2, size=32, num_classes=1)
+    image = next(folder.rglob("*.jpg"))
+    before = image.read_bytes()
+    make_beton = load_script("launch/make_beton.py")
+    assert make_beton.main([str(folder), str(image), "--probe-cache", "off"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "would replace a source image" in err and str(image) in err
+    assert image.read_bytes() == before
+
+
+def test_loader_benchmark_refuses_bad_flags_and_outputs_before_measuring(tmp_path, capsys):
+    """Each was a traceback: a device torch does not know, negative workers, and (after the
+    whole measurement) an --out that is a folder or lies under a file."""
+    bench = load_script("benchmarks/dataloader.py")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    base = ["--backend", "synthetic", "--path", "64", "--out", str(tmp_path / "r.json")]
+    for flags, message in ((["--device", "gpu"], "--device gpu: expected cpu, cuda"),
+                           (["--num-workers", "-1"], "--num-workers must be at least 0"),
+                           (["--out", str(tmp_path / "folder"), "--overwrite"], "is a folder"),
+                           (["--out", str(tmp_path / "file" / "r.json")],
+                            f"cannot write in {tmp_path / 'file'} (a file, not a folder)")):
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(base + flags)
+        assert exit_.value.code != 0
+        said = f"{exit_.value.code}" if isinstance(exit_.value.code, str) else ""
+        assert message in said + capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_loader_benchmark_writes_json(tmp_path):
     bench = load_script("benchmarks/dataloader.py")
     out = tmp_path / "torch.json"

@@ -241,3 +241,21 @@ def test_the_in_process_probe_leaves_the_global_random_state_alone():
     torch.manual_seed(1234)
     fp8_unsupported(torch.device("cpu"))
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_check_fp8_refuses_bad_flags_before_building_anything(tmp_path, capsys):
+    """Were tracebacks (a device torch does not know, CUDA on a CPU machine, an --out
+    folder after the whole check) or a message blaming the data (--batches 0)."""
+    import sys
+    sys.path.insert(0, str(REPO / "launch"))
+    from check_fp8 import main
+    config = str(REPO / "configs" / "demo.yaml")
+    cases = [(["--device", "gpu"], "--device gpu: expected cpu, cuda or cuda:N"),
+             (["--batches", "0"], "--batches must be at least 1, got 0"),
+             (["--out", str(tmp_path)], f"--out {tmp_path}: not a file in an existing folder")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "CUDA is not available on this machine"))
+    for flags, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(["--config", config, *flags])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err

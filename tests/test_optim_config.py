@@ -123,6 +123,25 @@ def test_deepspeed_config_takes_batch_arithmetic_and_clipping_from_the_yaml(tmp_
             deepspeed_config(cfg, accum=2)
 
 
+def test_deepspeed_config_values_deepspeed_refuses_are_named_before_start_up(tmp_path):
+    """A section that is not an object was an AttributeError traceback; a value DeepSpeed
+    refuses (ZeRO stage 7) a pydantic traceback at engine start, after the teachers."""
+    from dmt.engine.ds_config import deepspeed_config
+
+    cfg = load_config(REPO / "configs" / "dmt_vit_small.yaml")
+    own = tmp_path / "own.json"
+    cfg["deepspeed"]["config"] = str(own)
+    for text, message in [('{"zero_optimization": "yes"}',
+                           "'zero_optimization' must be a JSON object, got 'yes'"),
+                          ('{"zero_optimization": {"stage": 7}}',
+                           "DeepSpeed refuses it: .*DeepSpeedZeroConfig stage"),
+                          ('{"bf16": {"enabled": "maybe"}}',
+                           "DeepSpeed refuses it: .*DeepSpeedBF16Config enabled")]:
+        own.write_text(text)
+        with pytest.raises(ConfigError, match=rf"own.json: {message}"):
+            deepspeed_config(cfg, accum=2)
+
+
 def test_deepspeed_config_refuses_what_contradicts_the_yaml(tmp_path, monkeypatch):
     from dmt.engine.ds_config import deepspeed_config
 

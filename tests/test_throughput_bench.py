@@ -272,6 +272,7 @@ def test_merge_keeps_every_cell_and_the_later_part_wins():
      "--variants-from takes the teacher variants of an earlier run: pass --teacher-variants ''"),
     (["--variants-from", "nope.json", "--teacher-variants", ""], "--variants-from: no such file"),
     (["--device", "gpu"], "--device gpu: expected cpu, cuda or cuda:N"),
+    (["--jpeg-path", "nope"], "--jpeg-path nope: no such folder"),  # failed its cells only
 ])
 def test_benchmark_flags_are_refused_before_anything_is_measured(flags, message, capsys):
     # A typo must not surface after a twenty-minute matrix: parse_args refuses it (usage

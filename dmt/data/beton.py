@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dmt.data.folder import scan_image_folder
+from dmt.data.folder import IMAGE_EXTENSIONS, scan_image_folder
 from dmt.data.images import open_rgb
 from dmt.data.probe import probe_folder
 from dmt.errors import DataError
@@ -150,6 +150,16 @@ def _output_path(out) -> Path:
     return out
 
 
+def _refuse_an_output_among_the_images(out: Path, root: Path) -> None:
+    """An output with an image name inside the source folder would replace a source image
+    (the .beton renamed over it) or be listed as one by the next scan."""
+    if out.name.lower().endswith(IMAGE_EXTENSIONS) and \
+            Path(root).resolve() in out.resolve().parents:
+        raise DataError(f"the output {str(out)!r} is an image name inside the source folder "
+                        f"{str(root)!r}: it would replace a source image; name a .beton file "
+                        "(or write it elsewhere)")
+
+
 def write_beton(src, out, max_side=None, quality: int = 90, write_mode: str = "jpg",
                 num_workers=None, probe_cache="auto") -> BetonReport:
     """Write src's decodable images (+ class labels) to `out`; report what was skipped.
@@ -166,6 +176,7 @@ def write_beton(src, out, max_side=None, quality: int = 90, write_mode: str = "j
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
     folder = scan_image_folder(src)
     out = _output_path(out)  # before the probe, which can take long
+    _refuse_an_output_among_the_images(out, folder.root)
     workers = num_workers or os.cpu_count() or 1
     probe = probe_folder(folder, cache=probe_cache, num_threads=max(workers, 4), shard=False)
     skipped = list(probe.bad)

@@ -10,6 +10,7 @@ see one shared filesystem.)
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -492,7 +493,8 @@ def export_student(ckpt_dir: Path, out: Path) -> Path:
                 torch.save(state, f)
         os.replace(tmp, out)
     except (OSError, RuntimeError, SafetensorError) as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (its folder may be what failed: a file, say)
+            tmp.unlink(missing_ok=True)
         if isinstance(err, RuntimeError) and not is_write_failure(err):
             raise
         raise storage_error(out, err, "the exported student") from None

@@ -24,6 +24,9 @@ def read_ds_config(file: Path) -> dict:
         raise ConfigError(f"DeepSpeed config {file} is not valid JSON: {err}") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"DeepSpeed config {file} must hold a JSON object")
+    for key in ("zero_optimization", "bf16", "fp16", "torch_autocast"):
+        if not isinstance(ds.get(key, {}), dict):
+            raise ConfigError(f"{file}: '{key}' must be a JSON object, got {ds[key]!r}")
     for key in ("optimizer", "scheduler"):
         if key in ds:  # dmt owns these: client AdamW + the per-step schedule
             raise ConfigError(f"{file}: remove the '{key}' section; dmt configures it from "
@@ -85,4 +88,18 @@ def deepspeed_config(cfg: dict, accum: int, path: str | None = None) -> dict:
                               f"dmt sets it from the experiment YAML: remove it from the file")
         ds[key] = value
     data_ranks = optim_cfg["global_batch"] // (optim_cfg["micro_batch"] * accum)
+    _check_with_deepspeed(ds, file)
     return add_runtime_settings(ds, data_ranks)
+
+
+def _check_with_deepspeed(ds: dict, file: Path) -> None:
+    """DeepSpeed's own validation of the file's values (a ZeRO stage 7, say), which would
+    otherwise fail as a pydantic traceback once the teachers are built. train_batch_size
+    is left out: DeepSpeed would check it against this process's world size."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    try:
+        DeepSpeedConfig({k: v for k, v in ds.items() if k != "train_batch_size"})
+    except (ValueError, TypeError, AssertionError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()
+                 and "errors.pydantic.dev" not in line]
+        raise ConfigError(f"{file}: DeepSpeed refuses it: {' '.join(lines[:4])}") from None
