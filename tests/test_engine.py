@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -687,6 +688,50 @@ def test_a_zero_checkpoint_needs_every_optimizer_partition(tmp_path):
             check_complete(path, state)
         with pytest.raises(CheckpointError, match="lacks the optimizer partitions"):
             consolidated_student_state(path)
+
+
+def test_a_checkpoint_of_an_earlier_dmt_is_refused_for_another_zero_layout(tmp_path):
+    """Before dmt recorded zero_stage, a ZeRO-2 checkpoint resumed without ZeRO (or with
+    ZeRO-3) failed inside DeepSpeed ('AttributeError: 'NoneType' object has no attribute
+    'copy''); DeepSpeed's own copy of its config in the model states names the stage."""
+    from dmt.engine.checkpoint import check_loadable
+    from dmt.errors import CheckpointError
+    state = {"student_ranks": 1}  # no zero_stage: written by an earlier dmt
+    path = _fake_checkpoint(tmp_path / "runs" / "old" / "checkpoints" / "step00000004",
+                            ["zero_pp_rank_0_mp_rank_00_optim_states.pt"], config={},
+                            global_step=4, epoch=0, step_in_epoch=4, **state)
+    torch.save({"module": {"w": torch.zeros(2)}, "ds_config": {"zero_optimization": {
+        "stage": 2}}}, path / "mp_rank_00_model_states.pt")
+    for stage in (0, 3):
+        with pytest.raises(CheckpointError, match=re.escape(
+                f"written with ZeRO stage 2 (ZeRO-1/2), this launch's deepspeed.config has "
+                f"stage {stage}")):
+            check_loadable(path, 1, state, stage)
+    check_loadable(path, 1, state, 1)
+    # A model states file that cannot be read leaves it to the later checks, as before.
+    (path / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    check_loadable(path, 1, state, 0)
+
+
+def test_a_checkpoint_without_its_sample_count_is_checked_by_its_steps_per_epoch():
+    """Checkpoints of an earlier dmt hold no num_samples: one past its first epoch tells its
+    steps per epoch by its position, and another count is refused (it resumed silently into
+    a shifted schedule: 'step 21/21 epoch 3' of a 3-epoch run); else it resumes, warned."""
+    from dmt.engine.checkpoint import check_same_samples
+    from dmt.errors import CheckpointError
+    old = {"epoch": 1, "step_in_epoch": 2, "global_step": 8}  # 6 steps per epoch
+    with pytest.raises(CheckpointError, match=r"a run of 6 optimizer steps per epoch \(an "
+                       r"earlier dmt.*reads 454 samples in data: 7 steps per epoch"):
+        check_same_samples(old, 454, "data", Path("ckpt"), 7)
+    assert "did not record its sample count" in check_same_samples(old, 384, "data",
+                                                                   Path("ckpt"), 6)
+    first_epoch = {"epoch": 0, "step_in_epoch": 5, "global_step": 5}
+    with pytest.raises(CheckpointError, match="at least 5 optimizer steps per epoch"):
+        check_same_samples(first_epoch, 100, "data", Path("ckpt"), 4)
+    assert check_same_samples(first_epoch, 384, "data", Path("ckpt"), 6)
+    with pytest.raises(CheckpointError, match="read 384 samples"):  # a recorded count
+        check_same_samples({**old, "num_samples": 384}, 454, "data", Path("ckpt"), 7)
+    assert check_same_samples({**old, "num_samples": 384}, 384, "data", Path("ckpt"), 6) is None
 
 
 def test_resume_refuses_other_teacher_weights_at_any_path(tmp_path):

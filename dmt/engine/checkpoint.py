@@ -294,11 +294,27 @@ def check_complete(path: Path, trainer_state: dict) -> int:
 _ZERO_LAYOUT = {0: "no ZeRO", 1: "ZeRO-1/2", 2: "ZeRO-1/2", 3: "ZeRO-3"}
 
 
+def _deepspeed_zero_stage(path: Path) -> int | None:
+    """The ZeRO stage in DeepSpeed's own copy of its config, for checkpoints written before
+    dmt recorded zero_stage; None when it cannot be read (the checks after this one, or
+    DeepSpeed, name the damage). mmap: the tensors are not read."""
+    for file in sorted(path.glob("*mp_rank_*_model_states.pt"))[:1]:
+        try:
+            ds_config = torch.load(file, map_location="cpu", mmap=True,
+                                   weights_only=False)["ds_config"]
+            stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+        except Exception:  # noqa: BLE001  (any damage: leave it to the later checks)
+            return None
+        return stage if stage in _ZERO_LAYOUT else None
+    return None
+
+
 def check_loadable(path: Path, student_ranks: int, trainer_state: dict,
                    zero_stage: int) -> None:
     """Refuse, before any model is built, a checkpoint DeepSpeed would fail on: missing
     files, another ZeRO layout, or ZeRO partitions for another number of student ranks."""
-    saved_stage = trainer_state.get("zero_stage")
+    saved_stage = (trainer_state["zero_stage"] if "zero_stage" in trainer_state
+                   else _deepspeed_zero_stage(path))
     if saved_stage is not None and _ZERO_LAYOUT[saved_stage] != _ZERO_LAYOUT[zero_stage]:
         raise CheckpointError(
             f"checkpoint {path} was written with ZeRO stage {saved_stage} "
@@ -378,19 +394,43 @@ def changed_settings(saved_cfg: dict, cfg: dict) -> list[str]:
             if key not in refused and before.get(key) != now[key]]
 
 
-def check_same_samples(trainer_state: dict, num_samples: int, data_path, path: Path) -> None:
+_SAME_DATA_WAY_OUT = ("The order of every epoch and the lr schedule depend on that count, so "
+                      "the run would not continue as it started: restore the data (a file that "
+                      "has become undecodable counts too), or start a new run from this "
+                      "checkpoint's weights (launch/export.py)")
+
+
+def check_same_samples(trainer_state: dict, num_samples: int, data_path, path: Path,
+                       steps_per_epoch: int) -> str | None:
     """Every epoch's sample order is a function of (seed, epoch, number of samples), and the
     lr schedule of the steps per epoch: a resumed run must read as many samples as it wrote
-    the checkpoint with (a folder that gained or lost images, or another dataset)."""
-    saved = trainer_state.get("num_samples")  # absent in checkpoints before dmt recorded it
-    if saved is not None and saved != num_samples:
+    the checkpoint with (a folder that gained or lost images, or another dataset). Returns a
+    warning when the checkpoint cannot tell (written before dmt recorded the count)."""
+    saved = trainer_state.get("num_samples")
+    if saved is not None:
+        if saved != num_samples:
+            raise CheckpointError(
+                f"checkpoint {path} was written by a run that read {saved} samples (data.path "
+                f"{trainer_state.get('data_path')}); this launch reads {num_samples} in "
+                f"{data_path}. " + _SAME_DATA_WAY_OUT)
+        return None
+    # A checkpoint of an earlier dmt: its position still tells its steps per epoch once
+    # an epoch has passed (global_step = epoch x steps per epoch + step in the epoch).
+    epoch, step_in_epoch = trainer_state.get("epoch", 0), trainer_state.get("step_in_epoch", 0)
+    done = trainer_state.get("global_step", 0) - step_in_epoch
+    saved_steps = done // epoch if epoch and done % epoch == 0 else None
+    if (saved_steps is not None and saved_steps != steps_per_epoch) \
+            or step_in_epoch > steps_per_epoch:
+        ran = (f"{saved_steps} optimizer steps per epoch" if saved_steps is not None
+               else f"at least {step_in_epoch} optimizer steps per epoch")
         raise CheckpointError(
-            f"checkpoint {path} was written by a run that read {saved} samples (data.path "
-            f"{trainer_state.get('data_path')}); this launch reads {num_samples} in {data_path}. "
-            "The order of every epoch and the lr schedule depend on that count, so the run "
-            "would not continue as it started: restore the data (a file that has become "
-            "undecodable counts too), or start a new run from this checkpoint's weights "
-            "(launch/export.py)")
+            f"checkpoint {path} was written by a run of {ran} (an earlier dmt, which did not "
+            f"record its sample count); this launch reads {num_samples} samples in "
+            f"{data_path}: {steps_per_epoch} steps per epoch. " + _SAME_DATA_WAY_OUT)
+    return (f"checkpoint {path} was written by an earlier dmt, which did not record its "
+            f"sample count: resuming on the assumption that {data_path} holds the "
+            f"{num_samples} samples it was written with (each epoch's order depends on the "
+            "count; a changed data set is only caught when it changes the steps per epoch)")
 
 
 def _unreadable(path: Path, rank: int | None, data_rank: int | None) -> str | None:

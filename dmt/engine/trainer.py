@@ -177,8 +177,10 @@ def _train(cfg: dict, info: DistInfo, launch: Launch, run_lock: ExclusiveLock | 
                              f"Every rank must read the same data set ({data_path}): a node "
                              "with an incomplete or other copy of it?")
     if launch.resume_from is not None:
-        ckpt.check_same_samples(launch.saved, loaders[0].num_samples, data_path,
-                                launch.resume_from)
+        unverified = ckpt.check_same_samples(launch.saved, loaders[0].num_samples, data_path,
+                                             launch.resume_from, len(loaders[0]) // launch.accum)
+        if unverified:
+            log.warn(unverified)
     schedule = _schedule(cfg, loaders[0], launch.accum)
     # nonfinite_streak: called-off steps in a row, carried across a resume
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "nonfinite_total": 0,
