@@ -138,6 +138,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, images):
     resumed = check(run_pretrain(part, "--resume", "auto"))
     assert "resumed from" in resumed.stdout and "step 3" in resumed.stdout
     assert "found no rng_rank" not in resumed.stdout
+    assert "data stream" not in resumed.stdout  # the checkpoint records this dmt's version
     a, b = metrics(tmp_path / "runs" / "full"), metrics(tmp_path / "runs" / "part")
     assert [r["step"] for r in b] == list(range(1, 9))
     assert [r["sample_digest"] for r in a] == [r["sample_digest"] for r in b]
@@ -732,6 +733,19 @@ def test_a_checkpoint_without_its_sample_count_is_checked_by_its_steps_per_epoch
     with pytest.raises(CheckpointError, match="read 384 samples"):  # a recorded count
         check_same_samples({**old, "num_samples": 384}, 454, "data", Path("ckpt"), 7)
     assert check_same_samples({**old, "num_samples": 384}, 384, "data", Path("ckpt"), 6) is None
+
+
+def test_a_checkpoint_of_another_data_stream_version_resumes_with_a_warning():
+    """A dmt whose sample order or augmentations changed cannot repeat the old run step for
+    step; checkpoints from before the version was recorded may be of either kind."""
+    from dmt.data.loader import DATA_STREAM_VERSION
+    from dmt.engine.checkpoint import data_stream_note
+    here = DATA_STREAM_VERSION
+    assert data_stream_note({"data_stream": here}, here, Path("ckpt")) is None
+    other = data_stream_note({"data_stream": here - 1}, here, Path("ckpt"))
+    assert f"data stream is version {here - 1}, this one's {here}" in other
+    assert "does not repeat the uninterrupted run" in other
+    assert "did not record its data stream version" in data_stream_note({}, here, Path("ckpt"))
 
 
 def test_resume_refuses_other_teacher_weights_at_any_path(tmp_path):

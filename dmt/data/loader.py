@@ -12,6 +12,11 @@ from dmt.data.sampling import ShardedEpochs
 
 log = logging.getLogger(__name__)
 
+# Raised whenever the same (seed, epoch, index) comes to give another sample order, crop,
+# flip or jitter. Checkpoints record it, so that a resume across versions says it cannot
+# repeat the uninterrupted run. 2: colour jitter in a per-image random order.
+DATA_STREAM_VERSION = 2
+
 
 class DualViewLoader:
     """Iterable of {"teacher", "student", "index", "label"} batches.

@@ -384,6 +384,22 @@ def check_same_teacher_files(trainer_state: dict, now: dict[str, str], path: Pat
                               + "\n  ".join(changed))
 
 
+def data_stream_note(trainer_state: dict, version: int, path: Path) -> str | None:
+    """A warning when the checkpoint was written by a dmt whose sample order or
+    augmentations differ from this one's (dmt.data.loader.DATA_STREAM_VERSION): the run
+    goes on, but no longer repeats the uninterrupted one step for step."""
+    saved = trainer_state.get("data_stream")
+    if saved == version:
+        return None
+    what = (f"a dmt whose data stream is version {saved}, this one's {version}"
+            if saved is not None else
+            "an earlier dmt, which did not record its data stream version (those before "
+            "the per-image colour-jitter order, version 2, augment differently)")
+    return (f"checkpoint {path} was written by {what}: the run goes on with this version's "
+            "sample order and augmentations, so it does not repeat the uninterrupted run "
+            "step for step")
+
+
 def changed_settings(saved_cfg: dict, cfg: dict) -> list[str]:
     """The config keys a resume may change (the others are refused above), as
     "key: was -> now" lines."""

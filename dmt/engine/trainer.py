@@ -24,6 +24,7 @@ from dmt.build import (DTYPES, build_data, build_method, build_student, build_te
                        uses_sample_images)
 from dmt.config import batch_arithmetic, dump_config, flatten, run_directory, student_ranks
 from dmt.data import PROBING, backend_module, write_sample_images
+from dmt.data.loader import DATA_STREAM_VERSION
 from dmt.engine import checkpoint as ckpt
 from dmt.engine.distributed import (DistInfo, any_rank, barrier, check_same_on_every_rank,
                                     fail_together, skip_lone_allreduce)
@@ -254,7 +255,8 @@ def _train(cfg: dict, info: DistInfo, launch: Launch, run_lock: ExclusiveLock | 
                 saved_state = {**state, "student_ranks": launch.dp_world, "config": cfg,
                                "zero_stage": engine.zero_optimization_stage(),
                                "teacher_files": launch.teacher_files,
-                               "num_samples": loader.num_samples, "data_path": str(data_path)}
+                               "num_samples": loader.num_samples, "data_path": str(data_path),
+                               "data_stream": DATA_STREAM_VERSION}
                 last_ckpt = ckpt.save_checkpoint(
                     engine, launch.run_dir / "checkpoints", state["global_step"], saved_state,
                     info.rank, run_cfg["keep_last"], group=group,
@@ -388,6 +390,9 @@ def _announce(cfg: dict, launch: Launch, teachers, student_compiled: bool, loade
     if not (run_dir / "checkpoints" / ckpt.LATEST).is_file() and launch.resume == "auto":
         log.warn(f"{run_dir / 'checkpoints' / ckpt.LATEST} was missing (a save cut short "
                  f"before its last step?): resumed from the newest complete checkpoint")
+    stream_note = ckpt.data_stream_note(launch.saved, DATA_STREAM_VERSION, launch.resume_from)
+    if stream_note:
+        log.warn(stream_note)
     for change in ckpt.changed_settings(launch.saved["config"], cfg):
         log.info(f"changed since the checkpoint, applied from this step on: {change}")
     _warn_if_schedule_moved(launch.saved["config"], cfg, state["global_step"],
