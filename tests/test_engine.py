@@ -748,6 +748,17 @@ def test_a_checkpoint_of_another_data_stream_version_resumes_with_a_warning():
     assert "did not record its data stream version" in data_stream_note({}, here, Path("ckpt"))
 
 
+def test_changed_settings_lists_what_a_resume_changes_and_what_the_checkpoint_lacked():
+    from dmt.config import load_config
+    from dmt.engine.checkpoint import changed_settings
+    saved = load_config(REPO / "configs" / "demo.yaml")
+    del saved["model"]["compile"]  # a checkpoint of a dmt before that key existed
+    now = load_config(REPO / "configs" / "demo.yaml", ["run.log_every=7", "run.name=other"])
+    assert sorted(changed_settings(saved, now)) == [
+        f"model.compile: unset -> {now['model']['compile']!r}",
+        f"run.log_every: {saved['run']['log_every']!r} -> 7"]  # run.name: refused before
+
+
 def test_resume_refuses_other_teacher_weights_at_any_path(tmp_path):
     from dmt.config import load_config
     from dmt.engine.checkpoint import check_same_teacher_files, teacher_files

@@ -402,12 +402,13 @@ def data_stream_note(trainer_state: dict, version: int, path: Path) -> str | Non
 
 def changed_settings(saved_cfg: dict, cfg: dict) -> list[str]:
     """The config keys a resume may change (the others are refused above), as
-    "key: was -> now" lines."""
+    "key: was -> now" lines; a key the checkpoint's config lacks (an earlier dmt's) is
+    "unset" there."""
     refused = {f"{a}.{b}" for a, b in _RESUME_KEYS} | {"teachers", "method.teachers", "run.name",
                                                        "run.output_dir"}
     before, now = flatten(saved_cfg), flatten(cfg)
-    return [f"{key}: {before.get(key)!r} -> {now[key]!r}" for key in now
-            if key not in refused and before.get(key) != now[key]]
+    return [f"{key}: {repr(before[key]) if key in before else 'unset'} -> {now[key]!r}"
+            for key in now if key not in refused and (key not in before or before[key] != now[key])]
 
 
 _SAME_DATA_WAY_OUT = ("The order of every epoch and the lr schedule depend on that count, so "
