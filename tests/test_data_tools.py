@@ -107,6 +107,23 @@ def test_make_beton_refuses_to_write_over_a_source_image(tmp_path, capsys):
     assert image.read_bytes() == before
 
 
+def test_make_beton_refuses_a_source_image_in_a_linked_class_folder(tmp_path, capsys):
+    """A class folder may be a link to images elsewhere (the scan follows it): an output
+    naming one of its images replaced that image. A refused output makes no folder."""
+    elsewhere = write_sample_images(tmp_path / "elsewhere", num_images=2, size=32,
+                                    num_classes=1)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "linked").symlink_to(next(elsewhere.iterdir()), target_is_directory=True)
+    image = sorted((src / "linked").iterdir())[0]
+    before = image.read_bytes()
+    make_beton = load_script("launch/make_beton.py")
+    for out in (image, image.resolve(), src / "new" / "x.jpg"):
+        assert make_beton.main([str(src), str(out), "--probe-cache", "off"]) == 2
+        assert "would replace a source image" in capsys.readouterr().err
+    assert image.read_bytes() == before and not (src / "new").exists()
+
+
 def test_loader_benchmark_refuses_bad_flags_and_outputs_before_measuring(tmp_path, capsys):
     """Each was a traceback: a device torch does not know, negative workers, and (after the
     whole measurement) an --out that is a folder or lies under a file."""

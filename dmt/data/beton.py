@@ -150,11 +150,18 @@ def _output_path(out) -> Path:
     return out
 
 
-def _refuse_an_output_among_the_images(out: Path, root: Path) -> None:
+def _refuse_an_output_among_the_images(out: Path, folder) -> None:
     """An output with an image name inside the source folder would replace a source image
-    (the .beton renamed over it) or be listed as one by the next scan."""
-    if out.name.lower().endswith(IMAGE_EXTENSIONS) and \
-            Path(root).resolve() in out.resolve().parents:
+    (the .beton renamed over it) or be listed as one by the next scan. Inside means under
+    the root, as given or resolved, or in a folder the scan listed images from: a class
+    folder may be a link to images elsewhere."""
+    if not out.name.lower().endswith(IMAGE_EXTENSIONS):
+        return
+    root, target = Path(folder.root), out.resolve()
+    roots = {Path(os.path.abspath(root)), root.resolve()}
+    above = {*Path(os.path.abspath(out)).parents, *target.parents}
+    listed = {d.resolve() for d in {Path(f).parent for f in folder.files}}
+    if (roots | listed) & above:
         raise DataError(f"the output {str(out)!r} is an image name inside the source folder "
                         f"{str(root)!r}: it would replace a source image; name a .beton file "
                         "(or write it elsewhere)")
@@ -175,8 +182,9 @@ def write_beton(src, out, max_side=None, quality: int = 90, write_mode: str = "j
     if num_workers is not None and num_workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
     folder = scan_image_folder(src)
+    # before _output_path makes the output's folder (inside the source, say)
+    _refuse_an_output_among_the_images(Path(out).expanduser(), folder)
     out = _output_path(out)  # before the probe, which can take long
-    _refuse_an_output_among_the_images(out, folder.root)
     workers = num_workers or os.cpu_count() or 1
     probe = probe_folder(folder, cache=probe_cache, num_threads=max(workers, 4), shard=False)
     skipped = list(probe.bad)
