@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dmt  # noqa: E402,F401
-from dmt.engine.checkpoint import export_student, find_checkpoint, read_trainer_state  # noqa: E402
+from dmt.engine.checkpoint import (LATEST, export_student, find_checkpoint,  # noqa: E402
+                                   read_trainer_state)
 from dmt.errors import CheckpointError, ConfigError, DMTError  # noqa: E402
 
 
@@ -34,6 +35,14 @@ def _checkpoint_dir(path: Path) -> Path:
     return path
 
 
+def _a_runs_checkpoints(folder: Path) -> bool:
+    """RUN/checkpoints/: its latest pointer or save in progress, or the run's config.yaml
+    beside it."""
+    return folder.name == "checkpoints" and (
+        (folder / LATEST).exists() or (folder / ".tmp").exists()
+        or (folder.parent / "config.yaml").is_file())
+
+
 def _output_file(out: str, ckpt: Path) -> Path:
     """--out as a file path that writing cannot harm the checkpoint being read: an export
     inside RUN/checkpoints/ would replace one of its files (a model state, say)."""
@@ -43,7 +52,8 @@ def _output_file(out: str, ckpt: Path) -> Path:
         raise ConfigError(f"--out {out!r} {what}; name the output file (.pth or .safetensors)")
     ckpt = ckpt.resolve()
     # a run's checkpoints/ folder (its latest pointer, other steps), else the checkpoint's own
-    protected = ckpt.parent if ckpt.parent.name == "checkpoints" else ckpt
+    # (a step copied into another folder called checkpoints, beside teacher weights, say)
+    protected = ckpt.parent if _a_runs_checkpoints(ckpt.parent) else ckpt
     if protected in path.resolve().parents:
         raise ConfigError(f"--out {out} is inside {protected}: writing it there would "
                           "replace or mix with checkpoint files; choose a path outside it")

@@ -525,6 +525,7 @@ def test_export_refuses_an_out_that_would_overwrite_the_checkpoint(tmp_path, cap
     export = load_script("launch/export.py")
     step = tmp_path / "run" / "checkpoints" / "step00000002"
     step.mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("{}")  # a run's checkpoints/
     (step / "trainer_state.json").write_text("{}")
     model = step / "mp_rank_00_model_states.pt"
     model.write_bytes(b"the model")
@@ -536,6 +537,20 @@ def test_export_refuses_an_out_that_would_overwrite_the_checkpoint(tmp_path, cap
         assert export.main([str(step), "--out", out]) == 2
         assert message in capsys.readouterr().err
     assert model.read_bytes() == b"the model" and not (step.parent / "latest").exists()
+
+
+def test_export_beside_a_step_copied_into_another_checkpoints_folder(tmp_path, capsys):
+    """Only a run's checkpoints/ is protected as a whole: a step copied into some other
+    folder called checkpoints (where the README puts teacher weights) exports beside it."""
+    export = load_script("launch/export.py")
+    step = tmp_path / "checkpoints" / "step00000002"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")
+    out = tmp_path / "checkpoints" / "student.pth"
+    export.main([str(step), "--out", str(out)])
+    assert "is inside" not in capsys.readouterr().err
+    assert export.main([str(step), "--out", str(step / "student.pth")]) == 2
+    assert f"is inside {step}" in capsys.readouterr().err
 
 
 def test_an_export_under_a_file_is_a_storage_error(tmp_path, monkeypatch):
