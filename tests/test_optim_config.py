@@ -136,7 +136,9 @@ def test_deepspeed_config_values_deepspeed_refuses_are_named_before_start_up(tmp
                           ('{"zero_optimization": {"stage": 7}}',
                            "DeepSpeed refuses it: .*DeepSpeedZeroConfig stage"),
                           ('{"bf16": {"enabled": "maybe"}}',
-                           "DeepSpeed refuses it: .*DeepSpeedBF16Config enabled")]:
+                           "DeepSpeed refuses it: .*DeepSpeedBF16Config enabled"),
+                          ('{"checkpoint": {"tag_validation": "Strict"}}',  # its own error
+                           "DeepSpeed refuses it: .*invalid tag_validation value of STRICT")]:
         own.write_text(text)
         with pytest.raises(ConfigError, match=rf"own.json: {message}"):
             deepspeed_config(cfg, accum=2)

@@ -96,10 +96,10 @@ def _check_with_deepspeed(ds: dict, file: Path) -> None:
     """DeepSpeed's own validation of the file's values (a ZeRO stage 7, say), which would
     otherwise fail as a pydantic traceback once the teachers are built. train_batch_size
     is left out: DeepSpeed would check it against this process's world size."""
-    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
     try:
         DeepSpeedConfig({k: v for k, v in ds.items() if k != "train_batch_size"})
-    except (ValueError, TypeError, AssertionError) as err:
+    except (ValueError, TypeError, AssertionError, DeepSpeedConfigError) as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()
                  and "errors.pydantic.dev" not in line]
         raise ConfigError(f"{file}: DeepSpeed refuses it: {' '.join(lines[:4])}") from None
