@@ -391,13 +391,16 @@ def data_stream_note(trainer_state: dict, version: int, path: Path) -> str | Non
     saved = trainer_state.get("data_stream")
     if saved == version:
         return None
-    what = (f"a dmt whose data stream is version {saved}, this one's {version}"
-            if saved is not None else
-            "an earlier dmt, which did not record its data stream version (those before "
-            "the per-image colour-jitter order, version 2, augment differently)")
-    return (f"checkpoint {path} was written by {what}: the run goes on with this version's "
-            "sample order and augmentations, so it does not repeat the uninterrupted run "
-            "step for step")
+    if saved is not None:
+        return (f"checkpoint {path} was written by a dmt whose data stream is version "
+                f"{saved}, this one's {version}: the run goes on with this version's sample "
+                "order and augmentations, so it does not repeat the uninterrupted run step "
+                "for step")
+    # (dmts between the per-image jitter order and the record wrote version 2 unrecorded)
+    return (f"checkpoint {path} was written by an earlier dmt, which did not record its data "
+            f"stream version: the run goes on with this version's ({version}) sample order "
+            "and augmentations, so it may not repeat the uninterrupted run step for step (it "
+            "does not if that dmt predates the per-image colour-jitter order, version 2)")
 
 
 def changed_settings(saved_cfg: dict, cfg: dict) -> list[str]:
