@@ -130,6 +130,9 @@ def main(argv=None):
         value = getattr(args, flag)
         if value is not None and value < least:
             parser.error(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
+    if args.num_workers == 0 and args.backend in ("ffcv", "dali"):  # (0: torch's in-process)
+        parser.error(f"--num-workers 0: {args.backend} decodes in worker threads; give at "
+                     "least 1, or leave it out for the backend's default")
 
     try:
         device = torch.device(args.device)

@@ -182,8 +182,11 @@ def test_loader_benchmark_needs_cuda_for_gpu_decoding(tmp_path, capsys):
     assert "CUDA is not available" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, message", [(["--batches", "0"], "--batches must be at least 1"),
-                                            (["--batch-size", "0"], "--batch-size must be at least 1")])
+@pytest.mark.parametrize("flags, message", [
+    (["--batches", "0"], "--batches must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    # was a ValueError traceback from the .beton writer, which needs a worker
+    (["--backend", "ffcv", "--num-workers", "0"], "ffcv decodes in worker threads")])
 def test_loader_benchmark_refuses_empty_measurements(flags, message, capsys):
     bench = load_script("benchmarks/dataloader.py")
     with pytest.raises(SystemExit):
