@@ -422,6 +422,16 @@ def test_a_random_teacher_leaves_the_global_random_state_alone():
     assert torch.equal(torch.rand(4), expected)
 
 
+def test_a_random_teacher_leaves_the_gpu_random_state_alone(monkeypatch):
+    """torch.manual_seed would also reseed every GPU's generator (drop-path draws from it on
+    a GPU), which fork_rng(devices=[]) does not restore: with it, the GPU stream depended on
+    which random teachers a rank built. Seen without a GPU by recording the reseeding."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    _random("a", seed=3)
+    assert reseeded == []
+
+
 def test_ensemble_width_mismatch_is_config_error():
     tiny, small = _random("mae"), _random("ibot", arch="vit_small_patch16_224")
     with pytest.raises(ConfigError) as excinfo:

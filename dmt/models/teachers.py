@@ -122,7 +122,9 @@ def load_teacher(kind: str, checkpoint: str | Path | None, arch: str = "vit_base
     name = name or kind
     if kind == "random":
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # the CPU generator alone (the encoder is built there): torch.manual_seed would
+            # reseed the GPUs' too, which fork_rng(devices=[]) does not restore
+            torch.random.default_generator.manual_seed(seed)
             encoder = create_encoder(arch, img_size)
         return FrozenTeacher(encoder, name, dtype, IMAGENET_MEAN, IMAGENET_STD)
     if kind not in CHECKPOINT_FORMATS:
