@@ -385,6 +385,28 @@ ROW_FIELDS = ("student", "student_short", "teachers", "placement", "data", "path
               "micro_batch", "images_per_s", "step_ms", "breakdown_ms", "peak_memory_gib")
 
 
+# Row values the tables and plots compute with (a hand-edited null or string in one of
+# them was a matplotlib or TypeError traceback).
+ROW_NUMBERS = {"micro_batch": int, "teachers": int, "images_per_s": float, "step_ms": float,
+               "peak_memory_gib": float}
+
+
+def field_problem(result: dict) -> str | None:
+    """What is wrong with the first field the report needs, e.g. 'config.img_size is
+    missing' or 'rows[2].images_per_s is None, not a number'."""
+    if missing := missing_field(result):
+        return f"{missing} is missing"
+    for i, row in enumerate(result["rows"]):
+        for name, kind in ROW_NUMBERS.items():
+            value = row[name]
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value) and (kind is float or isinstance(value, int)))
+            if not ok:
+                want = "an integer" if kind is int else "a finite number"
+                return f"rows[{i}].{name} is {value!r}, not {want}"
+    return None
+
+
 def missing_field(result: dict) -> str | None:
     """The first field the report needs that `result` lacks, e.g. 'config.img_size'."""
     for section, fields in REQUIRED.items():
@@ -425,8 +447,8 @@ def load_result(path: Path | str) -> dict:
         kind = result.get("benchmark") if isinstance(result, dict) else None
         raise NotThroughput(f"{path}: not a benchmarks/throughput.py result"
                             + (f" (a {kind} result)" if kind else ""))
-    if missing := missing_field(result):
-        sys.exit(f"{path}: not a complete throughput result: field {missing} is missing")
+    if problem := field_problem(result):
+        sys.exit(f"{path}: not a complete throughput result: field {problem}")
     return result
 
 

@@ -1,6 +1,7 @@
 """benchmarks/throughput.py and report.py run end to end on a tiny configuration."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -700,6 +701,14 @@ def test_report_refuses_incomplete_files_and_unwritable_merges_in_one_line(tmp_p
     del rows[2]["step_ms"]
     with pytest.raises(SystemExit, match="field rows.2..step_ms is missing"):
         main([str(_write(tmp_path / "throughput_b.json", {**committed, "rows": rows}))])
+    # Hand-edited values the tables compute with were matplotlib or TypeError tracebacks.
+    for field, value, message in (("images_per_s", None, "is None, not a finite number"),
+                                  ("micro_batch", "8", "is '8', not an integer"),
+                                  ("peak_memory_gib", True, "is True, not a finite number")):
+        rows = [dict(r) for r in committed["rows"]]
+        rows[1][field] = value
+        with pytest.raises(SystemExit, match=re.escape(f"field rows[1].{field} {message}")):
+            main([str(_write(tmp_path / "throughput_v.json", {**committed, "rows": rows}))])
     with pytest.raises(SystemExit, match="bare.json: not a complete throughput result"):
         main(["--merge", str(tmp_path / "m.json"), str(bare), str(bare)])
     # --merge makes the output's folder, as throughput.py --out does; one it cannot make
