@@ -576,8 +576,15 @@ def test_config_errors_are_one_clear_message(tmp_path, images):
 @pytest.mark.slow
 def test_dedicated_teacher_rank_matches_colocated_through_a_resume(tmp_path, images):
     """1 teacher rank + 2 student ranks give the losses of 2 colocated ranks, also when the
-    dedicated run is stopped at step 2 and resumed (teacher ranks pick up the position)."""
-    common = dict(run={"epochs": 1, "checkpoint_every": 2})
+    dedicated run is stopped at step 2 and resumed (teacher ranks pick up the position).
+    The teacher loads a checkpoint, as real runs do: student ranks that load none must
+    start from the same student (loading once drew on the global random stream)."""
+    from dmt.models.teachers import create_encoder
+    teacher_file = tmp_path / "teacher.pth"
+    torch.save(create_encoder("vit_tiny_patch16_224", 32).state_dict(), teacher_file)
+    common = dict(run={"epochs": 1, "checkpoint_every": 2},
+                  teachers=[{"name": "t0", "kind": "timm", "checkpoint": str(teacher_file),
+                             "arch": "vit_tiny_patch16_224"}])
     coloc = tiny_config(tmp_path, images, name="coloc", **common)
     check(run_pretrain(coloc, nproc=2, launcher="torchrun"))
     dedic = tiny_config(tmp_path, images, name="dedic", **common,
