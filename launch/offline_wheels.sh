@@ -3,7 +3,7 @@
 # (torch, torchvision, numpy, rich, PyYAML already there; DeepSpeed not): DeepSpeed, built
 # here into a pure-Python wheel (its CUDA ops compile on first use there), its small
 # pure-Python needs and timm, at the versions of this checkout's .venv (the tested ones),
-# for the GPU machine's Python. With --dali, NVIDIA DALI and its codecs too (~200 MB).
+# for the GPU machine's Python. With --dali, NVIDIA DALI and its codecs too (~280 MB).
 #
 #   bash launch/offline_wheels.sh DIR [--python 3.12] [--dali]
 #   # then, on the GPU machine, from the repository root:
