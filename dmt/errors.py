@@ -5,9 +5,12 @@ from pathlib import Path
 
 class DMTError(Exception):
     """Base class of every error dmt raises on purpose. `same_on_every_rank`: all ranks
-    raised it together with the same text (after agreeing on it), so rank 0 alone says it."""
+    raised it together with the same text (after agreeing on it), so rank 0 alone says it.
+    `every_rank_stops`: all ranks raised a dmt error at the same point (each its own words,
+    perhaps; no crash), so they can still meet at a barrier to leave the process group."""
 
     same_on_every_rank = False
+    every_rank_stops = False
 
 
 class ConfigError(DMTError):

@@ -95,6 +95,9 @@ def main(argv=None) -> int:
             print(f"dmt: interrupted; {_where_to_resume(cfg)}", file=sys.stderr)
         return 128 + signal.SIGINT
     except DMTError as err:
+        if started:
+            from dmt.engine.distributed import leave_on_error
+            leave_on_error(err)
         # Checks before start-up fail alike on the ranks of a node: said once per node (a
         # path missing on one node only is that node's). Later errors may be one rank's own
         # (its data shard, its teacher stream): every rank speaks.

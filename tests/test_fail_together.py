@@ -42,7 +42,8 @@ def _worker(rank, port, out_dir):
                 _act(actions[rank], rank)
             seen[case] = None
         except Exception as err:  # noqa: BLE001
-            seen[case] = [type(err).__name__, str(err), getattr(err, "same_on_every_rank", None)]
+            seen[case] = [type(err).__name__, str(err), getattr(err, "same_on_every_rank", None),
+                          getattr(err, "every_rank_stops", None)]
     # Every rank reached this point, in step: the collectives above all matched.
     dist.barrier()
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
@@ -60,28 +61,33 @@ def outcomes(tmp_path_factory):
 
 def test_a_rank_failing_alone_stops_both_and_rank_0_names_it(outcomes):
     rank0, rank1 = outcomes[0]["rank 1 alone"], outcomes[1]["rank 1 alone"]
-    assert rank0 == ["DMTError", "image folder 'data' holds no image files (on rank 1)", True]
-    # the failing rank keeps its own error and words, for its own node's log
-    assert rank1 == ["DataError", "image folder 'data' holds no image files", False]
+    assert rank0 == ["DMTError", "image folder 'data' holds no image files (on rank 1)", True,
+                     True]
+    # the failing rank keeps its own error and words, for its own node's log; both ranks know
+    # the other stops too (so they can leave the process group together)
+    assert rank1 == ["DataError", "image folder 'data' holds no image files", False, True]
 
 
 def test_ranks_failing_alike_say_it_once(outcomes):
     said = "image folder 'data' holds no image files (on all 2 ranks)"
-    assert outcomes[0]["both alike"] == outcomes[1]["both alike"] == ["DataError", said, True]
+    assert outcomes[0]["both alike"] == outcomes[1]["both alike"] == ["DataError", said, True,
+                                                                      True]
 
 
 def test_ranks_failing_differently_are_each_named(outcomes):
-    kind, text, agreed = outcomes[0]["both differently"]
-    assert (kind, agreed) == ("DataError", True)
+    kind, text, agreed, all_stop = outcomes[0]["both differently"]
+    assert (kind, agreed, all_stop) == ("DataError", True, True)
     assert text == ("image folder 'data' holds no image files (on rank 0); rank 1 cannot read "
                     "ckpt/mp_rank_00_model_states.pt (on rank 1)")
-    assert outcomes[1]["both differently"][:2] == [
-        "CheckpointError", "rank 1 cannot read ckpt/mp_rank_00_model_states.pt"]
+    assert outcomes[1]["both differently"] == [
+        "CheckpointError", "rank 1 cannot read ckpt/mp_rank_00_model_states.pt", False, True]
 
 
 def test_a_crash_keeps_its_type_and_rank_0_names_it(outcomes):
-    assert outcomes[1]["a crash on rank 1"] == ["ValueError", "boom", None]
-    assert outcomes[0]["a crash on rank 1"] == ["DMTError", "ValueError: boom (on rank 1)", True]
+    assert outcomes[1]["a crash on rank 1"] == ["ValueError", "boom", None, None]
+    # rank 0 must not wait at a barrier for a rank that leaves with its traceback
+    assert outcomes[0]["a crash on rank 1"] == ["DMTError", "ValueError: boom (on rank 1)", True,
+                                                False]
 
 
 def test_nobody_failing_passes_through(outcomes):

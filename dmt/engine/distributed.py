@@ -159,13 +159,18 @@ def fail_together(device) -> Iterator[None]:
         return
     if not any_rank(failure is not None, device):
         return
-    said = [None] * dist.get_world_size()
-    dist.all_gather_object(said, None if failure is None else _in_words(failure))
+    said = [None] * dist.get_world_size()  # (words, crashed) of each rank that failed
+    dist.all_gather_object(said, None if failure is None else
+                           (_in_words(failure), not isinstance(failure, DMTError)))
     ranks_by_words: dict[str, list[int]] = {}
-    for rank, words in enumerate(said):
-        if words is not None:
-            ranks_by_words.setdefault(words, []).append(rank)
+    for rank, failed in enumerate(said):
+        if failed is not None:
+            ranks_by_words.setdefault(failed[0], []).append(rank)
     everywhere = len(ranks_by_words) == 1 and None not in said
+    # A crashed rank leaves with its traceback; the others must not wait for it at a barrier.
+    stops_alike = not any(failed and failed[1] for failed in said)
+    if isinstance(failure, DMTError):
+        failure.every_rank_stops = stops_alike
     if failure is not None and (not isinstance(failure, DMTError)
                                 or (dist.get_rank() != 0 and not everywhere)):
         raise failure  # for this node's log (a crash: with its traceback); rank 0 sums up
@@ -174,6 +179,7 @@ def fail_together(device) -> Iterator[None]:
     text += " ..." if len(ranks_by_words) > 4 else ""
     err = (type(failure) if failure is not None else DMTError)(text)
     err.same_on_every_rank = True  # every rank gathered the same words
+    err.every_rank_stops = stops_alike
     raise err from None
 
 
@@ -194,6 +200,21 @@ def teardown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def leave_on_error(err: DMTError) -> None:
+    """Ends the process group of a rank stopping on `err`. Left to the interpreter's exit,
+    the store's and gloo's threads were sometimes torn down mid-flight ("terminate called
+    without an active exception": an abort, -6, instead of the error's own exit code).
+    Where every rank stops at the same point they leave together, as at a normal end;
+    otherwise without `teardown`'s barrier, which a peer still working would never reach."""
+    try:
+        if err.every_rank_stops:
+            teardown()
+        elif dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - a peer already gone: the error is said regardless
+        pass
 
 
 def skip_lone_allreduce(engine, group=None) -> bool:
@@ -236,7 +257,7 @@ def check_same_on_every_rank(facts: dict, device, remedy: str) -> None:
                 for value, ranks in ranks_by_value.items()))
     err = ConfigError("the ranks of this launch disagree: " + "; ".join(differences[:6])
                       + f"{' ...' if len(differences) > 6 else ''}. {remedy}")
-    err.same_on_every_rank = True  # every rank gathered the same facts
+    err.same_on_every_rank = err.every_rank_stops = True  # every rank gathered the same facts
     raise err
 
 
