@@ -274,6 +274,15 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
     dtype = DTYPES[cfg.precision]
     student_dtype = dtype  # the engine's dtype: the trainer casts the student view to it
 
+    # Refusals before the peak measurement, which takes a while of its own.
+    fixed_batch = None if cfg.micro_batch == "auto" else int(cfg.micro_batch)
+    if fixed_batch is None and device.type != "cuda":
+        raise SystemExit("--micro-batch auto needs a GPU")
+    if cfg.teacher_fp8 and (reason := fp8_unavailable_reason(cfg, device)):
+        raise SystemExit(f"--teacher-fp8 on: {reason}")
+    earlier_variants = (variants_from(cfg.variants_from, cfg, machine_description(device))
+                        if cfg.variants_from else None)
+
     peak, matmul_rates = _peaks(device, dtype)
     # The reference's MFU is taken against the peak of the precision it runs in: on a CPU
     # a bf16 fast path's peak is a fraction of the fp32 reference's.
@@ -307,16 +316,10 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
         return payload
 
     bank = TeacherBank(cfg.teacher_arch, cfg.img_size, off_heap=device.type == "cpu")
-    fixed_batch = None if cfg.micro_batch == "auto" else int(cfg.micro_batch)
-    if fixed_batch is None and device.type != "cuda":
-        raise SystemExit("--micro-batch auto needs a GPU")
-
-    if cfg.teacher_fp8 and (reason := fp8_unavailable_reason(cfg, device)):
-        raise SystemExit(f"--teacher-fp8 on: {reason}")
 
     # --- 1. teacher variants (evidence for loop / stacked / compile on this device)
     if cfg.variants_from:
-        variants = variants_from(cfg.variants_from, cfg, machine_description(device))
+        variants = earlier_variants
         print(f"teacher variants from {cfg.variants_from} ({len(variants)})", flush=True)
     elif cfg.teacher_variants:
         vbatch = fixed_batch or 256

@@ -122,6 +122,7 @@ def test_variants_of_an_earlier_part_choose_the_teacher_path(tmp_path):
     proc = run("--img-size", "48", "--teacher-counts", "2", "--teacher-variants", "",
                "--variants-from", str(variants_part), "--out", str(tmp_path / "other.json"))
     assert proc.returncode != 0 and "measured with img_size 32, this run uses 48" in proc.stderr
+    assert "peak:" not in proc.stdout  # refused before measuring anything
 
 
 @pytest.mark.slow
