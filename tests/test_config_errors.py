@@ -381,6 +381,28 @@ def test_every_missing_teacher_checkpoint_is_named_at_once(tmp_path):
     assert "ibot_vitb16_checkpoint_teacher.pth" in message
 
 
+def test_a_dangling_link_or_link_loop_is_said_as_such(tmp_path):
+    """A link to an unmounted file system reads as "does not exist" to Path.exists(); the
+    error says which link points where, so the user looks at the mount, not the config."""
+    dangling, loop = tmp_path / "imagenet", tmp_path / "loop"
+    dangling.symlink_to(tmp_path / "mnt" / "imagenet")
+    loop.symlink_to(loop)
+    with pytest.raises(ConfigError) as err:
+        check_files(load_config(REPO / "configs" / "demo.yaml", [f"data.path={dangling}"]))
+    assert str(err.value) == (f"data.path does not exist: {dangling} (a link to "
+                              f"{tmp_path / 'mnt' / 'imagenet'}, which does not exist)")
+    with pytest.raises(ConfigError) as err:
+        check_files(load_config(REPO / "configs" / "demo.yaml", [f"data.path={loop}"]))
+    assert str(err.value) == f"data.path does not exist: {loop} (a loop of symbolic links)"
+    cfg = load_config(REPO / "configs" / "dmt_vit_small.yaml",
+                      [f"data.path={tmp_path}", f"teachers.0.checkpoint={dangling}",
+                       "method.teachers=[mae]"])
+    with pytest.raises(ConfigError) as err:
+        check_files(cfg)
+    assert str(err.value) == (f"teachers[0] ('mae'): checkpoint file not found: {dangling} "
+                              f"(a link to {tmp_path / 'mnt' / 'imagenet'}, which does not exist)")
+
+
 def test_a_random_teacher_warns_that_its_checkpoint_is_ignored():
     teacher = "{name: r, kind: random, arch: vit_tiny_patch16_224, checkpoint: /ckpt/mae.pth}"
     common = ["model.img_size=32", "teacher_runtime.dtype=float32"]
