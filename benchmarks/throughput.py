@@ -280,15 +280,15 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
         raise SystemExit("--micro-batch auto needs a GPU")
     if cfg.teacher_fp8 and (reason := fp8_unavailable_reason(cfg, device)):
         raise SystemExit(f"--teacher-fp8 on: {reason}")
-    earlier_variants = (variants_from(cfg.variants_from, cfg, machine_description(device))
-                        if cfg.variants_from else None)
+    variants = (variants_from(cfg.variants_from, cfg, machine_description(device))
+                if cfg.variants_from else [])
 
     peak, matmul_rates = _peaks(device, dtype)
     # The reference's MFU is taken against the peak of the precision it runs in: on a CPU
     # a bf16 fast path's peak is a fraction of the fp32 reference's.
     ref_peak = (peak if cfg.reference_precision == cfg.precision else
                 device_peak_flops(device, DTYPES[cfg.reference_precision], measure_if_unknown=True))
-    variants, choice, rows, profile, placement_rows = [], None, [], None, []
+    choice, rows, profile, placement_rows = None, [], None, []
     failed_cells = []  # cells that raised (out of memory at a fixed micro-batch, say)
 
     partial = partial_path(out)
@@ -319,7 +319,6 @@ def measure(cfg: Config, device: torch.device, out: Path) -> Path:
 
     # --- 1. teacher variants (evidence for loop / stacked / compile on this device)
     if cfg.variants_from:
-        variants = earlier_variants
         print(f"teacher variants from {cfg.variants_from} ({len(variants)})", flush=True)
     elif cfg.teacher_variants:
         vbatch = fixed_batch or 256

@@ -475,22 +475,24 @@ def _check_teacher_checkpoints(cfg: dict) -> None:
         if not t["checkpoint"]:
             missing.append(f"teachers[{i}] ('{t['name']}', kind {t['kind']}) has no checkpoint")
         elif not Path(t["checkpoint"]).is_file():
-            why = _why_unreachable(Path(t["checkpoint"]))
             missing.append(f"teachers[{i}] ('{t['name']}'): checkpoint file not found: "
-                           f"{t['checkpoint']}" + (f" ({why})" if why else ""))
+                           f"{t['checkpoint']}{_why_unreachable(Path(t['checkpoint']))}")
     if missing:
         raise ConfigError("; ".join(missing))
 
 
 def _why_unreachable(path: Path) -> str:
-    """What stands in the way of a path that does not exist, where it is not plain absence:
-    a dangling link (an unmounted file system, say) or a link loop."""
+    """Why a path does not exist, in parentheses after a space, where it is not plain absence
+    (then ""): a dangling link (an unmounted file system, say) or a link loop."""
     try:
         os.stat(path)
     except FileNotFoundError:
-        return f"a link to {os.readlink(path)}, which does not exist" if path.is_symlink() else ""
+        if not path.is_symlink():
+            return ""
+        return f" (a link to {os.readlink(path)}, which does not exist)"
     except OSError as err:
-        return "a loop of symbolic links" if err.errno == errno.ELOOP else (err.strerror or "")
+        why = "a loop of symbolic links" if err.errno == errno.ELOOP else err.strerror
+        return f" ({why})" if why else ""
     return ""
 
 
@@ -503,8 +505,7 @@ def _check_data_files(data: dict) -> None:
                           "bundled sample photos)")
     local = None if path is None else Path(path).expanduser()  # as the loaders read it
     if local is not None and not local.exists():
-        why = _why_unreachable(local)
-        raise ConfigError(f"data.path does not exist: {path}" + (f" ({why})" if why else ""))
+        raise ConfigError(f"data.path does not exist: {path}{_why_unreachable(local)}")
     if DATA_PATH[data["backend"]] == "file" and local is not None and local.is_dir():
         raise ConfigError(f"data.path {path} is a folder; backend ffcv reads a .beton file: "
                           f"write one with python launch/make_beton.py {path} OUT.beton")
